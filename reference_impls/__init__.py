@@ -1,0 +1,1 @@
+"""Reference implementations of RL for visual generative models."""

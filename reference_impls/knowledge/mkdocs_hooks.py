@@ -1,0 +1,40 @@
+"""MkDocs hook: generate the data-driven pages before MkDocs collects files.
+
+All page generation is plain Python in ``sitegen`` and ``notebooks``; this hook only calls it and
+fills the generated sections of the navigation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from reference_impls.knowledge import notebooks, sitegen
+
+
+def _copy_mathjax(docs_dir: Path) -> None:
+    """Serve MathJax from the site itself (the jupyter-server-mathjax package ships it)."""
+    import jupyter_server_mathjax
+
+    source = Path(jupyter_server_mathjax.__file__).parent / "static"
+    target = docs_dir / "assets" / "mathjax"
+    if not (target / "MathJax.js").exists():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+def _replace_section(nav: list, title: str, entries: list) -> None:
+    for index, item in enumerate(nav):
+        if isinstance(item, dict) and title in item:
+            nav[index] = {title: entries}
+            return
+    nav.append({title: entries})
+
+
+def on_config(config):  # noqa: ANN001, ANN201 - MkDocs hook signature
+    docs_dir = Path(config["docs_dir"])
+    _copy_mathjax(docs_dir)
+    sections = sitegen.generate(docs_dir)
+    sections["Notebooks"] = notebooks.render_all(docs_dir)
+    for title, entries in sections.items():
+        _replace_section(config["nav"], title, entries)
+    return config

@@ -1,0 +1,9 @@
+"""Tiny diffusers components, the offline tokenizer, pretraining and checkpoint loading.
+
+Imports flow one way: ``worlds`` -> ``models`` -> ``sampling`` -> ``rewards`` -> ``algorithms``.
+"""
+
+from reference_impls.models.policy import GenerativePolicy
+from reference_impls.models.loading import SHIPPED_MODELS, load_policy
+
+__all__ = ["GenerativePolicy", "SHIPPED_MODELS", "load_policy"]

@@ -1,0 +1,60 @@
+"""Resolve a model name or a local folder to a :class:`GenerativePolicy` (never a hub id).
+
+* ``shapes-diffusion`` / ``shapes-flow``: the checkpoints shipped in ``reference_impls/checkpoints``.
+* a folder with ``rlvg_model.json``: a ShapeWorld checkpoint (e.g. written by ``rlvg pretrain``/``train``).
+* a folder with ``model_index.json``: a diffusers pipeline saved with ``save_pretrained``
+  (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``), loaded with ``from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reference_impls.models.policy import GenerativePolicy
+
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED_MODELS: dict[str, str] = {
+    "shapes-diffusion": "epsilon-prediction UNet2DConditionModel, cosine DDPM schedule, DDIM/DDPM samplers",
+    "shapes-flow": "velocity-prediction UNet2DConditionModel, rectified flow, ODE/SDE samplers",
+}
+
+
+class ModelNotFoundError(ValueError):
+    """A model name or path that does not resolve; the message lists what is allowed."""
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    if text in SHIPPED_MODELS:
+        directory = CHECKPOINTS_DIR / text
+        if not (directory / "rlvg_model.json").exists():
+            raise ModelNotFoundError(
+                f"the shipped checkpoint {text!r} is missing from {directory}; reinstall the package or "
+                f"recreate it with: rlvg pretrain --world shapes --model {text.split('-')[1]} --out {directory}"
+            )
+        return directory
+    path = Path(text).expanduser()
+    if path.is_dir() and ((path / "rlvg_model.json").exists() or (path / "model_index.json").exists()):
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is not a model folder: expected rlvg_model.json (a ShapeWorld checkpoint) or "
+            "model_index.json (a diffusers pipeline saved with save_pretrained)"
+        )
+    raise ModelNotFoundError(
+        f"unknown model {text!r}: not a shipped name ({', '.join(SHIPPED_MODELS)}) and no such folder. "
+        "Hub ids are not supported: save the pipeline locally and pass its folder."
+    )
+
+
+def load_policy(name_or_path: str | Path, device: str = "cpu") -> GenerativePolicy:
+    directory = resolve_model_dir(name_or_path)
+    if (directory / "rlvg_model.json").exists():
+        from reference_impls.models.shapes_model import load_shapes_policy
+
+        return load_shapes_policy(directory, name=str(name_or_path)).to(device)
+    index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    from reference_impls.models.pipelines import policy_from_pipeline_dir
+
+    return policy_from_pipeline_dir(directory, index, device=device)

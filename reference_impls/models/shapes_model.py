@@ -1,0 +1,124 @@
+"""The tiny ShapeWorld text-to-image models: build, save and load as a folder of safetensors.
+
+Layout of a checkpoint folder (every weight file is safetensors; nothing is unpickled)::
+
+    rlvg_model.json      kind (diffusion|flow), prediction, world, sizes
+    unet/                diffusers UNet2DConditionModel.save_pretrained
+    text_encoder/        transformers CLIPTextModel.save_pretrained
+    tokenizer/vocab.json the word-level vocabulary
+    scheduler/           diffusers scheduler config
+    provenance.json      how it was made (command, seed, commit, minutes, evaluator scores)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from reference_impls.models.components import (
+    TinyModelConfig,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+)
+from reference_impls.models.policy import Conditioning, GenerativePolicy
+from reference_impls.models.tokenizer import WordTokenizer
+
+MODEL_FILE = "rlvg_model.json"
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word of the ShapeWorld grammar, sorted (the tokenizer's closed vocabulary)."""
+    from reference_impls.worlds import all_prompts
+
+    words = {word for prompt in all_prompts() for word in WordTokenizer(words=[]).split(prompt)}
+    return sorted(words)
+
+
+class TextConditioner(torch.nn.Module):
+    """Tokenizer + frozen-or-trainable CLIP text encoder -> cross-attention features."""
+
+    def __init__(self, tokenizer: WordTokenizer, text_encoder: CLIPTextModel) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    def forward(self, prompts: list[str]) -> Conditioning:
+        device = next(self.text_encoder.parameters()).device
+        tokens = self.tokenizer(prompts)
+        output = self.text_encoder(input_ids=tokens["input_ids"].to(device))
+        return Conditioning(output.last_hidden_state)
+
+
+def _make_policy(
+    name: str,
+    kind: str,
+    unet: UNet2DConditionModel,
+    conditioner: TextConditioner,
+    scheduler: object,
+    config: TinyModelConfig,
+) -> GenerativePolicy:
+    def call_unet(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=cond.hidden_states).sample
+
+    return GenerativePolicy(
+        name=name,
+        denoiser=unet,
+        prediction="velocity" if kind == "flow" else "epsilon",
+        scheduler=scheduler,
+        encode_text=conditioner,
+        call_denoiser=call_unet,
+        latent_shape=(3, config.image_size, config.image_size),
+        text_encoder=conditioner,
+        world="shapes",
+    )
+
+
+def build_shapes_policy(kind: str, config: TinyModelConfig | None = None, seed: int = 0) -> GenerativePolicy:
+    """A randomly initialised ShapeWorld model (the start of pretraining, and of fast unit tests)."""
+    config = config or TinyModelConfig()
+    torch.manual_seed(seed)
+    tokenizer = WordTokenizer(words=shapes_vocabulary(), model_max_length=config.max_tokens)
+    unet = build_unet(config)
+    conditioner = TextConditioner(tokenizer, build_text_encoder(config, tokenizer))
+    return _make_policy(f"random-shapes-{kind}", kind, unet, conditioner, build_scheduler(kind), config)
+
+
+def save_shapes_policy(policy: GenerativePolicy, directory: str | Path, config: TinyModelConfig) -> None:
+    """Write the checkpoint folder; callers wanting atomicity write to a temp folder and rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    conditioner = policy.text_encoder
+    assert isinstance(conditioner, TextConditioner)
+    policy.denoiser.save_pretrained(directory / "unet", safe_serialization=True)
+    conditioner.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+    conditioner.tokenizer.save_pretrained(directory / "tokenizer")
+    policy.scheduler.save_pretrained(directory / "scheduler")
+    meta = {"format": 1, "kind": policy.kind, "prediction": policy.prediction, "world": "shapes",
+            "config": asdict(config)}
+    (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def load_shapes_policy(directory: str | Path, name: str | None = None) -> GenerativePolicy:
+    directory = Path(directory)
+    meta = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))
+    raw = dict(meta["config"])
+    raw["block_out_channels"] = tuple(raw["block_out_channels"])
+    config = TinyModelConfig(**raw)
+    kind = meta["kind"]
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
+    tokenizer = WordTokenizer.from_pretrained(directory / "tokenizer")
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler
+    scheduler = scheduler_cls.from_pretrained(directory / "scheduler")
+    policy = _make_policy(name or str(directory), kind, unet, TextConditioner(tokenizer, text_encoder),
+                          scheduler, config)
+    policy.text_encoder.requires_grad_(False)
+    policy.text_encoder.eval()
+    unet.eval()
+    return policy

@@ -1,0 +1,79 @@
+"""Test-wide guards: offline hub, deterministic CPU numerics, and no sockets beyond loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _is_loopback(address: object) -> bool:
+    if isinstance(address, tuple) and address:
+        host = address[0]
+    elif isinstance(address, (str, bytes)):
+        return True  # AF_UNIX paths are local
+    else:
+        return False
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost would need DNS: refuse
+
+
+class NetworkAccessError(RuntimeError):
+    """Raised when a test tries to reach a non-loopback address."""
+
+
+_original_connect = socket.socket.connect
+_original_connect_ex = socket.socket.connect_ex
+
+
+def _guarded_connect(self: socket.socket, address: object):  # type: ignore[no-untyped-def]
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        raise NetworkAccessError(f"test tried to open a socket to {address!r}; only loopback is allowed")
+    return _original_connect(self, address)
+
+
+def _guarded_connect_ex(self: socket.socket, address: object):  # type: ignore[no-untyped-def]
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        raise NetworkAccessError(f"test tried to open a socket to {address!r}; only loopback is allowed")
+    return _original_connect_ex(self, address)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+    yield
+    socket.socket.connect = _original_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = _original_connect_ex  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
