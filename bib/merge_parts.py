@@ -77,7 +77,8 @@ def split_bib(path: Path) -> list[Chunk]:
 def split_catalog(path: Path) -> list[Chunk]:
     """Cut a catalog part into top-level records, keeping each record's own lines as written.
 
-    Comment lines between records go with the record that follows them; blank lines between records are
+    Comment lines between records go with the record that follows them (those above the first record
+    describe the part and are dropped); blank lines between records are
     dropped (the merged file separates records by one blank line) but kept inside a record.
     """
     chunks: list[Chunk] = []
@@ -88,7 +89,8 @@ def split_catalog(path: Path) -> list[Chunk]:
         if match:
             if current:
                 chunks.append(_record_chunk(current, path))
-            comments = [kept for kept in pending if kept.strip()]
+            # Comments above the first record describe the part file itself, not the record.
+            comments = [kept for kept in pending if kept.strip()] if current else []
             current = (match.group("key").strip().strip("'\""), number, [*comments, line])
             pending = []
         elif line.startswith("#") or not line.strip():

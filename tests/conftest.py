@@ -77,3 +77,6 @@ def _deterministic_torch():
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+pytest_plugins = ["site_fixtures"]

@@ -30,6 +30,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "book": ("title", "author", "publisher", "year"),
     "misc": ("title", "author", "year"),
 }
+# The year field (cited version) may follow the key's year (first appearance) by this much.
+MAX_KEY_YEAR_GAP = 2
 # @misc needs at least one of these to say where the work can be found.
 MISC_LOCATION_FIELDS = ("howpublished", "url")
 
@@ -274,8 +276,15 @@ def check_entry(entry: BibEntry) -> list[DataProblem]:
     if year and not re.fullmatch(r"[0-9]{4}", year):
         problem("year", f"{year!r} is not a four-digit year")
     key_year = re.search(r"[0-9]{4}", entry.key)
-    if year and key_year and KEY_PATTERN.fullmatch(entry.key) and key_year.group() != year:
-        problem("year", f"year {year} differs from the year {key_year.group()} in the key")
+    # The key carries the year the work first appeared; `year` is the cited version's (bib/README.md).
+    if year.isdigit() and key_year and KEY_PATTERN.fullmatch(entry.key):
+        gap = int(year) - int(key_year.group())
+        if not 0 <= gap <= MAX_KEY_YEAR_GAP:
+            problem(
+                "year",
+                f"year {year} is not within {MAX_KEY_YEAR_GAP} years after the year {key_year.group()} in "
+                "the key (the key's year is when the work first appeared)",
+            )
     problems.extend(_check_arxiv(entry))
     return problems
 

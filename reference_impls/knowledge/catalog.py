@@ -389,8 +389,11 @@ def load_catalog(
     bibliography, problems = parse_bibliography(bib_path)
     problems += check_bibliography(bibliography)
     entries, record_lines, catalog_problems = parse_catalog(catalog_path, vocabulary, root)
-    entries, match_problems = match_bibliography(entries, record_lines, bibliography, catalog_path)
-    problems += catalog_problems + match_problems
+    problems += catalog_problems
+    if record_lines or not catalog_problems:
+        # An unreadable catalog has no records: matching would only repeat every key as missing.
+        entries, match_problems = match_bibliography(entries, record_lines, bibliography, catalog_path)
+        problems += match_problems
     if problems:
         raise DataError(problems)
     order = {family: index for index, family in enumerate(vocabulary.families)}

@@ -2,7 +2,8 @@
 
 - ``to_bibtex``: the entry as written in ``references.bib``, normalised (one field per line, two-space
   indent, values in braces, whitespace collapsed), so that a copied entry is clean and stable.
-- ``to_text``: ``K. Black, M. Janner, Y. Du, et al. Title. Venue, 2024. arXiv:2305.13301.``
+- ``to_text``: ``K. Black, M. Janner, Y. Du, et al. Title. Venue, 2024. arXiv:2305.13301.`` (a DOI or
+  URL stands in for works not on arXiv);
 - ``to_markdown``: the same with the title in italics and the arXiv id linked to its abstract page.
 """
 
@@ -136,6 +137,8 @@ def to_text(entry: BibEntry) -> str:
         parts.append(_sentence(place))
     if entry.eprint:
         parts.append(f"arXiv:{entry.eprint}.")
+    elif entry.get("doi"):
+        parts.append(f"doi:{entry.get('doi')}.")
     elif entry.get("url"):
         parts.append(_sentence(entry.get("url")))
     return " ".join(part for part in parts if part)
@@ -159,6 +162,8 @@ def to_markdown(entry: BibEntry) -> str:
         parts.append(_sentence(escape_markdown(place)))
     if entry.eprint:
         parts.append(f"[arXiv:{entry.eprint}]({entry.arxiv_url}).")
+    elif entry.get("doi"):
+        parts.append(f"[doi:{entry.get('doi')}](https://doi.org/{entry.get('doi')}).")
     elif entry.get("url"):
         parts.append(f"<{entry.get('url')}>")
     return " ".join(part for part in parts if part)

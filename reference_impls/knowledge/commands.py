@@ -117,7 +117,7 @@ def run_cite(args: argparse.Namespace) -> int:
     if args.format == "bibtex":
         header = None
         if filtered:
-            chosen = ", ".join(f"{flag} {value}" for flag, value in (("--family", args.family), ("--modality", args.modality)) if value)
+            chosen = " ".join(f"{flag} {value}" for flag, value in (("--family", args.family), ("--modality", args.modality)) if value)
             header = f"Exported by `rlvg cite {chosen}` from the RL-for-visual-generation atlas ({len(entries)} entries)."
         text = cite.bibtex_file(entries, header)
     else:

@@ -8,7 +8,7 @@ encode prompts, call the denoiser, and decode the final state to RGB.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -57,8 +57,9 @@ class GenerativePolicy:
     """A diffusers scheduler carrying the noise schedule (alphas_cumprod or sigmas)."""
     encode_text: Callable[[list[str]], Conditioning]
     """Prompt texts -> conditioning (tokenizer + text encoder, frozen)."""
-    call_denoiser: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-    """(x_t, model timestep, conditioning) -> raw model output."""
+    call_denoiser: Callable[[nn.Module, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+    """(denoiser module, x_t, model timestep, conditioning) -> raw model output. Taking the module as an
+    argument lets the same policy evaluate a frozen reference copy (``with_denoiser``)."""
     latent_shape: tuple[int, int, int]
     """(C, H, W) of the state the sampler walks."""
     decode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: ((x + 1) / 2).clamp(0, 1))
@@ -86,4 +87,8 @@ class GenerativePolicy:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def predict(self, x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.call_denoiser(x, model_timestep, cond)
+        return self.call_denoiser(self.denoiser, x, model_timestep, cond)
+
+    def with_denoiser(self, denoiser: nn.Module) -> GenerativePolicy:
+        """The same policy with another denoiser (e.g. the frozen reference of a KL or DPO term)."""
+        return replace(self, denoiser=denoiser)

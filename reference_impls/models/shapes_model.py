@@ -63,8 +63,8 @@ def _make_policy(
     scheduler: object,
     config: TinyModelConfig,
 ) -> GenerativePolicy:
-    def call_unet(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=cond.hidden_states).sample
+    def call_unet(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return module(x, t, encoder_hidden_states=cond.hidden_states).sample
 
     return GenerativePolicy(
         name=name,
@@ -111,7 +111,7 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     config = TinyModelConfig(**raw)
     kind = meta["kind"]
-    unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
     tokenizer = WordTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler

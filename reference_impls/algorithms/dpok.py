@@ -1,0 +1,120 @@
+r"""DPOK: policy optimisation with KL regularisation to the pretrained model (Fan et al., 2023).
+
+Bib key: ``fan2023dpok``.
+
+DPOK fine-tunes the denoising policy to maximise reward while staying close to the pretrained model
+$p_\text{pre}$, with the KL bound on the whole chain replaced by its per-step upper bound:
+
+$$
+\min_\theta\; \mathbb E\Big[-\alpha\, r(x_0, c) + \beta \sum_{t=1}^{T}
+\mathrm{KL}\big(\pi_\theta(\cdot \mid x_t, c)\,\|\,p_\text{pre}(\cdot \mid x_t, c)\big)\Big].
+$$
+
+Both step distributions are Gaussians with the sampler's std $\sigma_t$, so each KL is exact:
+$\|\mu_\theta(x_t) - \mu_\text{pre}(x_t)\|^2 / 2\sigma_t^2$. The reward term is optimised with the clipped
+importance ratio, as in DDPO; per (sample, step):
+
+$$
+\ell_{i,t} = \alpha \max\big(-A_i\rho_{i,t}, -A_i\,\mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\big)
++ \beta\, \frac{\|\mu_\theta(x^i_t) - \mu_\text{pre}(x^i_t)\|^2}{2\sigma_t^2}.
+$$
+
+The KL is evaluated at the states the current samples visited, so it regularises where the policy goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards
+from reference_impls.algorithms.estimators import PerPromptStatTracker, gaussian_mean_kl, ppo_clip_loss
+from reference_impls.sampling import transition_log_prob
+from reference_impls.training.method import Method, StepContext
+from reference_impls.training.online import collect, minibatch_indices, reward_metrics, training_steps
+
+
+@dataclass
+class DPOKConfig(DDPOConfig):
+    """DPOK's settings: DDPO's plus the weights of the reward and of the KL regulariser."""
+
+    reward_weight: float = 10.0
+    """alpha: weight of the (normalised) reward term."""
+    kl_coef: float = 0.01
+    """beta: weight of the per-step KL to the pretrained model."""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(steps=6, batch_size=8, num_steps=8, minibatch_size=8, learning_rate=1e-5, eval_every=0,
+                  eval_prompts=16, checkpoint_every=3, prompts="easy"),
+    "cpu": dict(steps=30, batch_size=32, num_steps=10, minibatch_size=16, timestep_fraction=0.5,
+                learning_rate=1e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    "gpu": dict(steps=100, batch_size=64, num_steps=20, minibatch_size=8, learning_rate=3e-6, eval_every=10,
+                eval_prompts=256, checkpoint_every=10, guidance_scale=5.0),
+}
+
+
+# --8<-- [start:loss]
+def dpok_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+              mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, config: DPOKConfig):  # noqa: ANN201
+    """alpha * clipped policy-gradient surrogate + beta * Gaussian KL to the pretrained step."""
+    surrogate, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, config.clip_range)
+    kl = gaussian_mean_kl(mean, reference_mean, std, reduction=config.reduction).mean()
+    return config.reward_weight * surrogate + config.kl_coef * kl, stats, kl
+# --8<-- [end:loss]
+
+
+class DPOK(Method):
+    """DPOK: KL-regularised policy gradient for text-to-image diffusion."""
+
+    name: ClassVar[str] = "dpok"
+    bib_key: ClassVar[str] = "fan2023dpok"
+    config_class: ClassVar[type] = DPOKConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    config: DPOKConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tracker = PerPromptStatTracker(self.config.stat_buffer_size, self.config.stat_min_count)
+        self.pretrained = self.frozen_copy()
+
+    # --8<-- [start:train_step]
+    def train_step(self, ctx: StepContext) -> dict[str, float]:
+        config = self.config
+        prompts = self.sample_prompts(config.batch_size, ctx.rng)
+        batch = collect(self, ctx, prompts)
+        advantages = advantages_from_rewards(batch.rewards, prompts, config, self.tracker)
+        stats, kls = [], []
+        for _ in range(config.inner_epochs):
+            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+            for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng):
+                rows = torch.as_tensor(rows)
+                sub = batch.trajectory.subset(rows)
+                for k in range(steps.shape[1]):
+                    step = steps[rows, k]
+                    new = transition_log_prob(self.policy, sub, step)
+                    with torch.no_grad():
+                        reference = transition_log_prob(self.pretrained, sub, step)
+                    old = sub.log_probs[torch.arange(len(rows)), step]
+                    loss, stat, kl = dpok_loss(new.log_prob, old, advantages[rows], new.mean, reference.mean,
+                                               new.std, config)
+                    (loss / steps.shape[1]).backward()
+                    stats.append(stat)
+                    kls.append(float(kl))
+                self.apply_gradients()
+        # --8<-- [end:train_step]
+        return {
+            **reward_metrics(batch.rewards),
+            "kl_to_pretrained": sum(kls) / len(kls),
+            "approx_kl": sum(s.approx_kl for s in stats) / len(stats),
+            "clipfrac": sum(s.clipfrac for s in stats) / len(stats),
+            "ratio_first": stats[0].ratio_mean,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stat_tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state.get("stat_tracker", {}))

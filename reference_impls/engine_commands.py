@@ -1,0 +1,264 @@
+"""Subcommands that need torch: pretrain, sample, eval, train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from reference_impls.cli import UsageError
+
+
+def _set_threads(threads: int) -> None:
+    if threads and threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _load(model: str, device: str = "cpu"):  # noqa: ANN202
+    from reference_impls.models.loading import ModelNotFoundError, load_policy
+
+    try:
+        return load_policy(model, device=device)
+    except ModelNotFoundError as error:
+        raise UsageError(str(error)) from None
+
+
+# -- pretrain -------------------------------------------------------------------------------------
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from reference_impls.models.pretrain import PretrainConfig, pretrain
+
+    if args.world != "shapes":
+        raise UsageError(f"unknown world {args.world!r}; valid worlds: shapes")
+    _set_threads(args.threads)
+    config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
+                            seed=args.seed)
+    command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
+    provenance = pretrain(config, Path(args.out), command=command)
+    policy = _load(args.out)
+    scores = _heldout_scores(policy, n=args.eval_n)
+    provenance["heldout_eval"] = scores
+    (Path(args.out) / "provenance.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+    print(json.dumps({"out": args.out, "steps_done": provenance["steps_done"], "heldout": scores}, indent=2))
+    return 0
+
+
+def _heldout_scores(policy, n: int) -> dict:  # noqa: ANN001
+    from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
+
+    scores = {}
+    for steps in (20,):
+        result = evaluate_policy(policy, heldout_prompts(n), default_eval_sampler(policy, steps), seed=0)
+        scores[f"{default_eval_sampler(policy, steps).name}{steps}"] = result.metrics
+    return scores
+
+
+# -- sample ---------------------------------------------------------------------------------------
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from reference_impls.evaluation import save_grid
+    from reference_impls.sampling import SamplerConfig, rollout
+
+    _set_threads(args.threads)
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    policy = _load(args.model, args.device)
+    prompt = args.prompt
+    if policy.world == "shapes":
+        from reference_impls.worlds import PromptError, as_spec
+
+        try:
+            prompt = as_spec(prompt).text
+        except PromptError as error:
+            raise UsageError(str(error)) from None
+    sampler_name = args.sampler or ("ddim" if policy.kind == "diffusion" else "ode")
+    try:
+        sampler = SamplerConfig(sampler_name, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale)
+        sampler.validate_for(policy.kind)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    generator = torch.Generator(device=policy.device).manual_seed(args.seed)
+    with torch.no_grad():
+        trajectory = rollout(policy, [prompt] * args.n, sampler, generator, progress=True)
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must be a .png file, got {args.out}")
+    save_grid(trajectory.images, args.out, columns=min(8, args.n), scale=4)
+    summary = {"out": args.out, "prompt": prompt, "sampler": sampler_name, "n": args.n}
+    if policy.world == "shapes":
+        from reference_impls.worlds import aggregate, evaluate_batch
+
+        array = (trajectory.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        summary["evaluator"] = aggregate(evaluate_batch(array, [prompt] * args.n))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
+    from reference_impls.sampling import SamplerConfig
+    from reference_impls.worlds import SPLITS
+
+    _set_threads(args.threads)
+    if args.split not in SPLITS:
+        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(SPLITS)}")
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    policy = _load(args.model, args.device)
+    if policy.world != "shapes":
+        raise UsageError(f"{args.model} is not a ShapeWorld model: rlvg eval scores ShapeWorld prompts only")
+    sampler = default_eval_sampler(policy, args.steps, args.guidance_scale)
+    if args.sampler:
+        sampler = SamplerConfig(args.sampler, num_steps=args.steps, eta=0.0, guidance_scale=args.guidance_scale)
+        try:
+            sampler.validate_for(policy.kind)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    prompts = heldout_prompts(args.n, split=args.split)
+    result = evaluate_policy(policy, prompts, sampler, seed=args.seed)
+    report = {"model": args.model, "split": args.split, "n": args.n, "sampler": sampler.name,
+              "steps": args.steps, "seed": args.seed, **result.metrics}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model {args.model}  split {args.split}  n={args.n}  sampler {sampler.name}/{args.steps}")
+        for key, value in result.metrics.items():
+            if key != "n":
+                print(f"  {key:<12} {value:.3f}")
+    return 0
+
+
+# -- train ----------------------------------------------------------------------------------------
+def _train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from reference_impls.algorithms import METHODS
+    from reference_impls.rewards import REWARDS
+    from reference_impls.training.config import add_config_arguments
+
+    rewards = "; ".join(f"{n} ({'differentiable' if r.differentiable else 'not differentiable'})"
+                        for n, r in REWARDS.items())
+    train = subparsers.add_parser(
+        "train", help="fine-tune a model with one of the methods",
+        description="Fine-tune a model with an RL method. `rlvg train METHOD --help` lists its own flags.",
+        epilog=f"methods: {', '.join(METHODS)}. rewards: {rewards}",
+    )
+    methods = train.add_subparsers(dest="method", metavar="METHOD", required=True,
+                                   parser_class=argparse.ArgumentParser)
+    for name, cls in METHODS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        method_parser = methods.add_parser(
+            name, help=doc[0] if doc else name, description="\n".join(doc),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"rewards: {rewards}\npresets: " + "; ".join(
+                f"{p}: {', '.join(f'{k}={v}' for k, v in s.items())}" for p, s in cls.presets.items()),
+        )
+        add_config_arguments(method_parser, cls.config_class)
+        method_parser.add_argument("--out", default=None, help="run directory (default: runs/METHOD-PRESET-seedS)")
+        method_parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        method_parser.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from reference_impls.algorithms import get_method
+    from reference_impls.rewards import UnknownRewardError, get_reward
+    from reference_impls.training import NonFiniteLossError, build_config, train
+    from reference_impls.training.config import field_docs
+
+    cls = get_method(args.method)
+    overrides = {name: getattr(args, name) for name in field_docs(cls.config_class) if hasattr(args, name)}
+    try:
+        config = build_config(cls.config_class, cls.presets, overrides)
+        reward = get_reward(config.reward)
+    except (ValueError, UnknownRewardError) as error:
+        raise UsageError(str(error)) from None
+    _set_threads(config.threads)
+    policy = _load(config.model, config.device)
+    try:
+        method = cls(policy=policy, reward=reward, config=config)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    out = Path(args.out or f"runs/{cls.name}-{config.preset}-seed{config.seed}")
+    try:
+        records = train(method, out, resume=args.resume, progress=not args.no_progress)
+    except (FileExistsError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    except NonFiniteLossError as error:
+        print(f"rlvg train: {error}", file=sys.stderr)
+        return 1
+    first = next((r for r in records if "eval_accuracy" in r), {})
+    last = next((r for r in reversed(records) if "eval_accuracy" in r), {})
+    summary = {"out": str(out), "steps": records[-1]["step"] if records else 0,
+               "reward_mean_first": next((r["reward_mean"] for r in records if "reward_mean" in r), None),
+               "reward_mean_last": next((r["reward_mean"] for r in reversed(records) if "reward_mean" in r), None),
+               "eval_accuracy_before": first.get("eval_accuracy"), "eval_accuracy_after": last.get("eval_accuracy"),
+               "wall_s": records[-1]["wall_s"] if records else 0}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    names = {"rollout": "benchmarks.rollout_overhead", "update": "benchmarks.update_overhead",
+             "methods": "benchmarks.method_table"}
+    if args.which not in names:
+        raise UsageError(f"unknown benchmark {args.which!r}; valid: {', '.join(names)}")
+    try:
+        module = importlib.import_module(names[args.which])
+    except ImportError as error:
+        raise UsageError(f"benchmarks live in the repository checkout (benchmarks/): {error}") from None
+    return int(module.main(["--quick"] if args.quick else []) or 0)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from reference_impls.models.loading import SHIPPED_MODELS
+
+    models = ", ".join(SHIPPED_MODELS)
+    p = subparsers.add_parser("pretrain", help="pretrain a tiny base model on a synthetic world (deterministic)")
+    p.add_argument("--world", default="shapes", help="synthetic world (shapes)")
+    p.add_argument("--model", choices=["diffusion", "flow"], required=True, help="model kind")
+    p.add_argument("--steps", type=int, default=1800, help="optimiser steps (the run is deterministic in them)")
+    p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap")
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--eval-n", type=int, default=256, help="held-out prompts scored into provenance.json")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    p.set_defaults(handler=_cmd_pretrain)
+
+    p = subparsers.add_parser("sample", help="sample a grid of images for one prompt")
+    p.add_argument("--model", required=True, help=f"shipped name ({models}) or local folder")
+    p.add_argument("--prompt", required=True, help="prompt (ShapeWorld grammar for shapes models)")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "sde", "ode"], default=None,
+                   help="ddim/ddpm for diffusion models, sde/ode for flow models (default: ddim or ode)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True, help="output PNG grid")
+    p.set_defaults(handler=_cmd_sample)
+
+    p = subparsers.add_parser("eval", help="compositional accuracy on held-out prompts (exact evaluator)")
+    p.add_argument("--model", required=True, help=f"shipped name ({models}) or local folder")
+    p.add_argument("--n", type=int, default=256, help="number of prompts")
+    p.add_argument("--split", default="heldout", help="prompt split: heldout, train, easy, all")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "sde", "ode"], default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+    _train_parser(subparsers)
+
+    p = subparsers.add_parser("bench", help="run a benchmark from benchmarks/ (ratios measured in one run)")
+    p.add_argument("which", help="rollout, update or methods")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(handler=_cmd_bench)

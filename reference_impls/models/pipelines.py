@@ -1,0 +1,233 @@
+"""Adapters from diffusers pipelines to :class:`GenerativePolicy`, so our samplers can drive them.
+
+Two families are supported, loaded from local folders only (``save_pretrained`` output; never a hub id):
+
+* ``StableDiffusionPipeline``: a UNet that predicts the noise (epsilon) in the VAE's latent space.
+  The pipeline's scheduler config (PNDM, DDIM, ...) is converted to a ``DDIMScheduler`` with trailing
+  spacing and ``set_alpha_to_one=False``: the scheduler our ``ddim``/``ddpm`` samplers reproduce; only
+  its ``alphas_cumprod`` and ``num_train_timesteps`` are read by ``make_schedule``.
+* ``StableDiffusion3Pipeline``: an MMDiT transformer that predicts the flow velocity (noise - x0);
+  the ``FlowMatchEulerDiscreteScheduler``'s ``shift`` sets the sigma schedule and, as in diffusers,
+  the transformer is fed ``timestep = sigma * num_train_timesteps``.
+
+Prompts are encoded with the pipeline's own ``encode_prompt`` (same tokenisation, ``clip_skip`` and
+concatenation rules as ``pipe(...)``); the text encoders and the VAE are frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reference_impls.models.policy import Conditioning, GenerativePolicy
+
+SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
+    "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "invert_sigmas",
+)
+"""FlowMatchEulerDiscreteScheduler options that change the sigmas in ways ``make_schedule`` ignores."""
+
+
+class UnsupportedPipelineError(ValueError):
+    """A pipeline folder (or object) the adapters cannot drive; the message says what is supported."""
+
+
+class PipelineTextEncoder(nn.Module):
+    """The frozen text side of a pipeline: prompts -> :class:`Conditioning`.
+
+    Holding the text encoders as submodules lets ``GenerativePolicy.to(device)`` move them; encoding
+    itself delegates to ``pipe.encode_prompt`` so prompts are embedded exactly as ``pipe(...)`` does.
+    """
+
+    def __init__(self, pipe: Any, encoders: list[nn.Module], max_sequence_length: int = 256) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        # A plain attribute, not a submodule: the pipeline is not an nn.Module.
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+        self.is_sd3 = type(pipe).__name__ == "StableDiffusion3Pipeline"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0].parameters()).device
+
+    def forward(self, prompts: list[str]) -> Conditioning:
+        prompts = list(prompts)
+        if self.is_sd3:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            )
+            return Conditioning(hidden, pooled)
+        hidden, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return Conditioning(hidden)
+
+
+def _freeze(module: nn.Module | None) -> None:
+    if module is not None:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def _latent_shape(channels: int, sample_size: int | list[int] | tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) of the latents ``pipe(...)`` samples by default: the denoiser's ``sample_size``
+    is already in latent pixels (image side / VAE scale factor)."""
+    if isinstance(sample_size, int):
+        return (int(channels), sample_size, sample_size)
+    height, width = sample_size
+    return (int(channels), int(height), int(width))
+
+
+def make_vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> RGB in [0, 1], differentiable (reward backprop goes through it).
+
+    Undoes the latent normalisation the pipelines apply (``z / scaling_factor + shift_factor``;
+    SD 1.x has no shift), decodes, and maps the VAE's [-1, 1] output to [0, 1].
+    """
+    scaling = float(vae.config.scaling_factor)
+    shift = vae.config.get("shift_factor", None)
+    shift = 0.0 if shift is None else float(shift)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        # GenerativePolicy.to() moves only the denoiser and text encoders: follow the latents here.
+        if next(vae.parameters()).device != latents.device:
+            vae.to(latents.device)
+        z = latents / scaling + shift
+        image = vae.decode(z).sample
+        return ((image + 1) / 2).clamp(0, 1)
+
+    return decode
+
+
+def _sd_scheduler(scheduler_config: Any) -> Any:
+    """The SD pipeline's scheduler config as a DDIM scheduler with the betas it was trained with.
+
+    Rejects what our epsilon samplers cannot drive: v-prediction (SD 2.x 768) or x0 prediction.
+    """
+    from diffusers import DDIMScheduler
+
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise UnsupportedPipelineError(
+            f"this Stable Diffusion checkpoint's scheduler has prediction_type={prediction!r}; the samplers "
+            "support only epsilon-prediction UNets (v-prediction models such as SD 2.x 768 are not supported)"
+        )
+    # Trailing spacing and alpha_bar[0] as the final target are what make_schedule implements; a
+    # scheduler saying so keeps the policy self-describing (and DDIM clip_sample must be off for SD).
+    return DDIMScheduler.from_config(
+        scheduler_config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False,
+        thresholding=False, prediction_type="epsilon",
+    )
+
+
+def _sd3_scheduler(scheduler_config: Any) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    enabled = [name for name in UNSUPPORTED_FLOW_OPTIONS if scheduler_config.get(name, False)]
+    if enabled:
+        raise UnsupportedPipelineError(
+            f"the flow-matching scheduler enables {', '.join(enabled)}; the samplers support only a fixed "
+            "`shift` (as Stable Diffusion 3 uses): set these options to false in scheduler_config.json"
+        )
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+
+def _sd_policy(pipe: Any, name: str) -> GenerativePolicy:
+    unet = pipe.unet
+    scheduler = _sd_scheduler(pipe.scheduler.config)
+    conditioner = PipelineTextEncoder(pipe, [pipe.text_encoder])
+
+    def call_unet(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=cond.hidden_states).sample
+
+    return GenerativePolicy(
+        name=name,
+        denoiser=unet,
+        prediction="epsilon",
+        scheduler=scheduler,
+        encode_text=conditioner,
+        call_denoiser=call_unet,
+        latent_shape=_latent_shape(unet.config.in_channels, unet.config.sample_size),
+        decode=make_vae_decoder(pipe.vae),
+        text_encoder=conditioner,
+    )
+
+
+def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePolicy:
+    transformer = pipe.transformer
+    scheduler = _sd3_scheduler(pipe.scheduler.config)
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
+    conditioner = PipelineTextEncoder(pipe, encoders, max_sequence_length=max_sequence_length)
+
+    def call_transformer(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden_states,
+                           pooled_projections=cond.pooled).sample
+
+    return GenerativePolicy(
+        name=name,
+        denoiser=transformer,
+        prediction="velocity",
+        scheduler=scheduler,
+        encode_text=conditioner,
+        call_denoiser=call_transformer,
+        latent_shape=_latent_shape(transformer.config.in_channels, transformer.config.sample_size),
+        decode=make_vae_decoder(pipe.vae),
+        text_encoder=conditioner,
+    )
+
+
+def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length: int = 256) -> GenerativePolicy:
+    """Wrap an in-memory ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` as a policy.
+
+    The policy shares the pipeline's modules (training the policy trains ``pipe.unet`` /
+    ``pipe.transformer``). ``max_sequence_length`` is SD3's T5 length, as in ``pipe(...)``.
+    """
+    class_name = type(pipe).__name__
+    name = name or class_name
+    if class_name == "StableDiffusionPipeline":
+        policy = _sd_policy(pipe, name)
+    elif class_name == "StableDiffusion3Pipeline":
+        policy = _sd3_policy(pipe, name, max_sequence_length)
+    else:
+        raise UnsupportedPipelineError(
+            f"unsupported pipeline class {class_name!r}; supported: {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    _freeze(policy.text_encoder)
+    _freeze(pipe.vae)
+    policy.denoiser.eval()  # no dropout while sampling; trainers switch modes themselves
+    return policy
+
+
+def _absent_components(index: dict) -> dict[str, None]:
+    """Components saved as ``[null, null]`` (e.g. SD3 without T5) must be passed as None explicitly:
+    diffusers only fills in None for the optional ones."""
+    return {key: None for key, value in index.items()
+            if not key.startswith("_") and (value is None or (isinstance(value, list) and value[0] is None))}
+
+
+def policy_from_pipeline_dir(directory: Path, index: dict, device: str = "cpu") -> GenerativePolicy:
+    """Load a pipeline saved with ``save_pretrained`` (``index`` = its model_index.json) as a policy."""
+    directory = Path(directory)
+    class_name = index.get("_class_name")
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UnsupportedPipelineError(
+            f"{directory / 'model_index.json'} names pipeline class {class_name!r}, which is not supported; "
+            f"supported: {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, class_name)
+    kwargs: dict[str, Any] = _absent_components(index)
+    if class_name == "StableDiffusionPipeline":
+        # The safety checker is never used by the samplers: don't load its weights.
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    policy = policy_from_pipeline(pipe, name=str(directory))
+    pipe.vae.to(device)
+    return policy.to(device)

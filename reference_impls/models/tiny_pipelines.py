@@ -1,0 +1,227 @@
+"""Tiny random Stable Diffusion pipelines, built entirely offline (tests and benchmarks).
+
+They have the architecture of the real thing (VAE latent space, CLIP tokenizer + text encoders, a
+cross-attention UNet or an MMDiT transformer, the pipelines' own schedulers) at a size that runs a
+rollout in well under a second on a laptop CPU. Nothing is downloaded: the CLIP tokenizer is built in
+code from an in-memory byte-level vocabulary and a few merges, the weights are random (seeded).
+
+* :func:`build_tiny_sd_pipeline`: ``StableDiffusionPipeline``, UNet epsilon model, 4x8x8 latents,
+  16x16 images, a ``PNDMScheduler`` configured like Stable Diffusion 1.x (so loading exercises the
+  conversion to the project's own schedule).
+* :func:`build_tiny_sd3_pipeline`: ``StableDiffusion3Pipeline``, SD3 transformer (velocity model),
+  two CLIP text encoders with projection, no T5 (the pipeline feeds zeros in its place), 4x8x8 latents.
+* :func:`save_tiny_pipeline`: ``save_pretrained`` of either into a folder ``rlvg`` can load with
+  ``--model PATH``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TinyKind = Literal["sd", "sd3"]
+TINY_KINDS: tuple[str, ...] = ("sd", "sd3")
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MAX_TOKENS = 16
+"""Prompt length in tokens (BOS and EOS included): CLIP's 77 would only make the tiny models slower."""
+TEXT_HIDDEN = 32
+"""Width of each tiny CLIP text encoder (and of the SD UNet's cross-attention)."""
+LATENT_CHANNELS = 4
+LATENT_SIZE = 8
+"""Side of the latent grid; the two-level tiny VAE doubles it (16x16 images)."""
+
+# Whole-word merges for the words of ShapeWorld-like prompts, so that tokenisation is not purely
+# character-level (as CLIP's own vocabulary is mostly whole words); any other text still tokenises,
+# byte by byte, because every byte-level character is in the vocabulary.
+_WORDS = (
+    "a", "an", "the", "of", "and", "photo", "red", "green", "blue", "yellow", "circle", "circles",
+    "square", "squares", "triangle", "triangles", "left", "right", "above", "below", "small", "big",
+    "one", "two", "three", "cat", "dog",
+)
+
+
+def tiny_clip_vocabulary(words: tuple[str, ...] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary and merges in CLIP's format (``</w>`` marks the end of a word).
+
+    Every one of the 256 byte-level characters appears alone and word-final, so any text encodes
+    without unknown tokens; each word in ``words`` gets the chain of merges that spells it whole.
+    """
+    vocab: dict[str, int] = {BOS_TOKEN: 0, EOS_TOKEN: 1}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        # Merge left to right: "r"+"e" -> "re", "re"+"d</w>" -> "red</w>"; each result joins the vocab.
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            merged = pieces[0] + pieces[1]
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+    return vocab, merges
+
+
+def build_tiny_clip_tokenizer(model_max_length: int = MAX_TOKENS) -> CLIPTokenizer:
+    """A CLIPTokenizer built in memory (transformers 5 takes ``vocab`` and ``merges`` directly).
+
+    Built this way rather than from a hub test tokenizer because those silently degrade offline.
+    """
+    vocab, merges = tiny_clip_vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _clip_config(tokenizer: CLIPTokenizer, projection_dim: int = TEXT_HIDDEN) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        # The pooled output is read at the first EOS; pad and EOS share an id, as in CLIP.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_vae(scaling_factor: float = 0.18215, shift_factor: float | None = None,
+                   quant_convs: bool = True) -> AutoencoderKL:
+    """Two-level KL autoencoder: 3x16x16 images <-> 4x8x8 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=2 * LATENT_SIZE,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        # SD3's VAE has no quant convs; SD 1.x's has them.
+        use_quant_conv=quant_convs,
+        use_post_quant_conv=quant_convs,
+    )
+
+
+def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random ``StableDiffusionPipeline`` with SD 1.x's scheduler settings, safety checker off."""
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = build_tiny_vae()
+    # Stable Diffusion 1.x ships PNDM with the scaled-linear betas below (the values of its
+    # scheduler_config.json); the project's samplers read only the betas from it.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A random ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3``/``tokenizer_3`` None).
+
+    The pipeline concatenates the two CLIP encoders' hidden states (2 x 32 wide) and pads them to the
+    T5 width, which is the transformer's ``joint_attention_dim``: 64 here, so nothing is cropped. The
+    pooled projections (2 x 32) make ``pooled_projection_dim`` 64.
+    """
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    tokenizer_2 = build_tiny_clip_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2))
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        caption_projection_dim=32,  # = heads x head_dim, the transformer's width
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=LATENT_SIZE,
+    )
+    vae = build_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, quant_convs=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's shift
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipeline(kind: TinyKind, seed: int = 0) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
+    """``kind``: "sd" (epsilon UNet) or "sd3" (flow transformer)."""
+    if kind == "sd":
+        return build_tiny_sd_pipeline(seed)
+    if kind == "sd3":
+        return build_tiny_sd3_pipeline(seed)
+    raise ValueError(f"unknown tiny pipeline kind {kind!r}; valid kinds: {', '.join(TINY_KINDS)}")
+
+
+def save_tiny_pipeline(kind: TinyKind, directory: str | Path, seed: int = 0) -> Path:
+    """Build a tiny pipeline and ``save_pretrained`` it (safetensors) into ``directory``."""
+    directory = Path(directory)
+    build_tiny_pipeline(kind, seed).save_pretrained(directory, safe_serialization=True)
+    return directory

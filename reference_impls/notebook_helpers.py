@@ -1,0 +1,92 @@
+"""Small helpers that keep the method notebooks short: run a preset, plot the curves, show grids."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference_impls.algorithms import get_method
+from reference_impls.models import load_policy
+from reference_impls.rewards import get_reward
+from reference_impls.training import build_config, train
+
+
+def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", seed: int = 0,
+               model: str | None = None, out_root: str = "runs/notebooks", **overrides: Any
+               ) -> tuple[list[dict[str, Any]], Path]:
+    """Train ``method`` with the smoke or cpu preset into a fresh run directory; returns (metrics, dir)."""
+    cls = get_method(method)
+    preset = "smoke" if smoke else "cpu"
+    settings: dict[str, Any] = {"preset": preset, "reward": reward, "seed": seed, "device": device, **overrides}
+    if model is not None:
+        settings["model"] = model
+    config = build_config(cls.config_class, cls.presets, settings)
+    torch.manual_seed(seed)
+    policy = load_policy(config.model, device=device)
+    instance = cls(policy=policy, reward=get_reward(config.reward), config=config)
+    out = Path(out_root) / f"{method}-{reward}-{preset}-seed{seed}"
+    if out.exists():
+        shutil.rmtree(out)
+    records = train(instance, out, progress=True)
+    return records, out
+
+
+def plot_run(records: list[dict[str, Any]], keys: tuple[str, ...] = ("reward_mean",), title: str = ""):  # noqa: ANN201
+    """Training reward (and any other per-step keys) and held-out accuracy against step."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axes[0].plot(*zip(*points), marker="o", ms=3, label=key)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training batch")
+    axes[0].legend()
+    evals = [(r["step"], r["eval_accuracy"], r.get("eval_mean_score")) for r in records if "eval_accuracy" in r]
+    if evals:
+        steps, accuracy, score = zip(*evals)
+        axes[1].plot(steps, accuracy, marker="o", label="held-out accuracy (all criteria)")
+        axes[1].plot(steps, score, marker="s", label="held-out mean criterion score")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
+    axes[1].set_xlabel("step")
+    axes[1].set_title("exact evaluator, held-out prompts")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_grids(run_dir: Path):  # noqa: ANN201
+    """Before/after sample grids on the same held-out prompts and noise."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    grids = sorted(Path(run_dir, "samples").glob("step_*.png"))
+    chosen = [grids[0], grids[-1]] if len(grids) > 1 else grids
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(10, 1.8 * len(chosen)), squeeze=False)
+    for ax, path in zip(axes[:, 0], chosen):
+        ax.imshow(Image.open(path))
+        ax.set_title(f"{path.stem.replace('_', ' ')}")
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numbers worth printing: first/last training reward, held-out accuracy before/after, wall time."""
+    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval_accuracy" in r]
+    return {
+        "steps": records[-1]["step"],
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "heldout_accuracy_before": evals[0]["eval_accuracy"] if evals else None,
+        "heldout_accuracy_after": evals[-1]["eval_accuracy"] if evals else None,
+        "samples_seen": records[-1].get("samples_seen"),
+        "wall_s": records[-1].get("wall_s"),
+    }

@@ -1,0 +1,137 @@
+"""Named rewards over generated images.
+
+A reward maps a batch of images in [0, 1], shape (B, 3, H, W), and their prompts to a (B,) tensor.
+Differentiable rewards keep the autograd graph (reward-backprop methods need it); the others are
+computed on detached copies and return plain tensors (policy-gradient methods need only values).
+
+* ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the JPEG file size in kB, as in
+  DDPO (Black et al., 2023). Not differentiable.
+* ``shapes-composition``: the exact ShapeWorld evaluator's fraction of satisfied criteria (count,
+  colour, shape, size, relation): our GenEval-style verifiable reward. Not differentiable.
+* ``shapes-accuracy``: 1 if every criterion holds, else 0 (the metric we report as accuracy).
+* ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
+  and hackable on purpose: painting the whole canvas that colour maximises it while the exact
+  evaluator's score collapses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """A named reward."""
+
+    name: str
+    fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    """(images in [0,1] of shape (B, 3, H, W), prompts) -> rewards (B,)."""
+    differentiable: bool
+    """True if gradients flow from the reward to the images."""
+    description: str
+    """One line for ``rlvg train --help`` and the docs."""
+    world: str | None = None
+    """The synthetic world whose prompts it needs (``shapes``), or None for any prompt."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward {self.name!r} expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"reward {self.name!r}: {len(prompts)} prompts for {images.shape[0]} images")
+        if self.differentiable:
+            return self.fn(images, prompts)
+        with torch.no_grad():
+            return self.fn(images.detach(), prompts)
+
+
+class UnknownRewardError(ValueError):
+    """An unknown reward name; the message lists the valid ones."""
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    sizes = []
+    for array in _to_uint8_hwc(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def _shapes_evaluations(images: torch.Tensor, prompts: list[str]):
+    from reference_impls.worlds import evaluate_batch
+
+    return evaluate_batch(_to_uint8_hwc(images), prompts)
+
+
+def shapes_composition(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    scores = [e.score for e in _shapes_evaluations(images, prompts)]
+    return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+
+def shapes_accuracy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    correct = [float(e.correct) for e in _shapes_evaluations(images, prompts)]
+    return torch.tensor(correct, dtype=torch.float32, device=images.device)
+
+
+PROMPT_COLOUR_WIDTH = 0.25
+"""Width (RGB distance in [0,1] units) of the soft colour membership; palette colours are >= 0.76 apart."""
+
+
+def _prompt_colours(prompt: str) -> list[str]:
+    from reference_impls.worlds import as_spec
+
+    return sorted({obj.colour for obj in as_spec(prompt).objects})
+
+
+def prompt_colour(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.worlds import PALETTE
+
+    pixels = images.permute(0, 2, 3, 1)  # (B, H, W, 3)
+    rewards = []
+    for pixel_block, prompt in zip(pixels, prompts):
+        targets = torch.tensor([PALETTE[c] for c in _prompt_colours(prompt)], dtype=images.dtype,
+                               device=images.device) / 255.0
+        distance2 = ((pixel_block[:, :, None, :] - targets[None, None]) ** 2).sum(-1)  # (H, W, K)
+        membership = torch.exp(-distance2 / (2 * PROMPT_COLOUR_WIDTH**2)).amax(dim=-1)
+        rewards.append(membership.mean())
+    return torch.stack(rewards)
+
+
+REWARDS: dict[str, RewardFunction] = {
+    r.name: r
+    for r in [
+        RewardFunction("jpeg-compressibility", lambda im, p: -jpeg_size_kb(im), False,
+                       "minus the JPEG size in kB (quality 95), as in DDPO"),
+        RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
+                       "the JPEG size in kB (quality 95), as in DDPO"),
+        RewardFunction("shapes-composition", shapes_composition, False,
+                       "exact ShapeWorld evaluator: fraction of prompt criteria satisfied", world="shapes"),
+        RewardFunction("shapes-accuracy", shapes_accuracy, False,
+                       "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
+        RewardFunction("prompt-colour", prompt_colour, True,
+                       "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
+    ]
+}
+
+
+def reward_names() -> list[str]:
+    return sorted(REWARDS)
+
+
+def get_reward(name: str) -> RewardFunction:
+    if name in REWARDS:
+        return REWARDS[name]
+    close = difflib.get_close_matches(name, REWARDS, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Valid rewards: {', '.join(reward_names())}")

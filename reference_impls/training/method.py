@@ -1,0 +1,112 @@
+"""What the training loop needs from a method, and what it gives it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from reference_impls.models.policy import GenerativePolicy
+from reference_impls.rewards import RewardFunction
+from reference_impls.training.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/inf; the loop stops and keeps the last good checkpoint."""
+
+
+@dataclass
+class StepContext:
+    """Per-step randomness, derived from (seed, step) so a resumed run replays exactly."""
+
+    step: int
+    generator: torch.Generator
+    """Torch generator for noise (initial latents, sampler noise, timestep draws)."""
+    rng: np.random.Generator
+    """NumPy generator for prompts and minibatch order."""
+
+
+def step_context(seed: int, step: int, device: torch.device | str = "cpu") -> StepContext:
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    return StepContext(step, generator, np.random.default_rng([seed, step]))
+
+
+@dataclass
+class Method:
+    """Base class of every method: holds the policy, reward, config and optimiser.
+
+    Subclasses implement ``train_step`` (one outer iteration: collect, score, update) and may override
+    ``state_dict``/``load_state_dict`` for state beyond the weights (e.g. DDPO's per-prompt statistics).
+    """
+
+    name: ClassVar[str] = ""
+    bib_key: ClassVar[str] = ""
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    supported_kinds: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
+    needs_differentiable_reward: ClassVar[bool] = False
+
+    policy: GenerativePolicy
+    reward: RewardFunction
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.policy.kind not in self.supported_kinds:
+            raise ValueError(f"{self.name} needs a {' or '.join(self.supported_kinds)} model; "
+                             f"{self.policy.name} is a {self.policy.kind} model")
+        if self.needs_differentiable_reward and not self.reward.differentiable:
+            from reference_impls.rewards import REWARDS
+
+            valid = [n for n, r in REWARDS.items() if r.differentiable]
+            raise ValueError(f"{self.name} backpropagates through the reward, and {self.reward.name!r} is not "
+                             f"differentiable; differentiable rewards: {', '.join(valid)}")
+        self.policy.denoiser.train()
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
+                                           weight_decay=1e-4)
+
+    # -- helpers subclasses share ------------------------------------------------------------------
+    def frozen_copy(self) -> GenerativePolicy:
+        """The policy as it is now, with a frozen copy of its denoiser (the reference of KL and DPO terms).
+
+        ``reference.predict`` / ``transition_log_prob(reference, ...)`` evaluate the frozen weights.
+        """
+        reference = copy.deepcopy(self.policy.denoiser)
+        reference.requires_grad_(False).eval()
+        return self.policy.with_denoiser(reference)
+
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> list[str]:
+        from reference_impls.worlds import PromptError, as_spec, sample_prompts
+
+        if self.config.prompts in ("train", "easy"):
+            return sample_prompts(n, self.config.prompts, rng)
+        try:
+            text = as_spec(self.config.prompts).text
+        except PromptError:
+            if self.policy.world == "shapes":
+                raise
+            text = self.config.prompts  # a real checkpoint takes any prompt
+        return [text] * n
+
+    def apply_gradients(self) -> float:
+        """Clip, check finiteness, step; returns the gradient norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"gradient norm is {float(norm)}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- interface ---------------------------------------------------------------------------------
+    def train_step(self, ctx: StepContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

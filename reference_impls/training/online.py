@@ -1,0 +1,68 @@
+"""Pieces of the online policy-gradient loop that several methods share: collect and iterate.
+
+Collect: sample prompts, roll out the current policy with log-probs, score. Iterate: shuffle samples
+into minibatches and, per sample, the denoising steps to train on (DDPO trains each sample on its own
+random permutation of steps, so a minibatch mixes timesteps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reference_impls.sampling import SamplerConfig, Trajectory, rollout
+from reference_impls.training.method import Method, StepContext
+
+
+@dataclass
+class Batch:
+    """A scored batch of trajectories."""
+
+    trajectory: Trajectory
+    rewards: torch.Tensor
+    """(B,) rewards of the final images."""
+
+
+def sampler_from_config(method: Method) -> SamplerConfig:
+    config = method.config
+    name = getattr(config, "sampler", None) or ("ddim" if method.policy.kind == "diffusion" else "sde")
+    return SamplerConfig(
+        name=name,
+        num_steps=config.num_steps,
+        eta=getattr(config, "eta", 1.0),
+        noise_level=getattr(config, "noise_level", 0.7),
+        guidance_scale=config.guidance_scale,
+        reduction=getattr(config, "reduction", "mean"),
+    )
+
+
+def collect(method: Method, ctx: StepContext, prompts: list[str], sampler: SamplerConfig | None = None,
+            noise: torch.Tensor | None = None) -> Batch:
+    policy = method.policy
+    policy.denoiser.eval()
+    trajectory = rollout(policy, prompts, sampler or sampler_from_config(method), ctx.generator, noise=noise)
+    policy.denoiser.train()
+    rewards = method.reward(trajectory.images, prompts).float()
+    return Batch(trajectory, rewards)
+
+
+def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    order = rng.permutation(batch_size)
+    for start in range(0, batch_size, minibatch_size):
+        yield order[start : start + minibatch_size]
+
+
+def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator) -> torch.Tensor:
+    """(B, K) step indices to train on: per sample, a random permutation of its stochastic steps,
+    truncated to ``fraction`` of them (DDPO's ``timestep_fraction``)."""
+    stochastic = torch.nonzero(trajectory.schedule.stochastic).flatten().numpy()
+    keep = max(1, int(round(fraction * len(stochastic))))
+    rows = [rng.permutation(stochastic)[:keep] for _ in range(trajectory.batch_size)]
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+def reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False))}

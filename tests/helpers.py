@@ -1,0 +1,44 @@
+"""Shared test utilities: tiny random policies and a quick way to run a method for a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference_impls.algorithms import get_method
+from reference_impls.models import load_policy
+from reference_impls.models.components import TinyModelConfig
+from reference_impls.models.shapes_model import build_shapes_policy
+from reference_impls.rewards import get_reward
+from reference_impls.training import build_config, train
+
+TINY = TinyModelConfig(block_out_channels=(16, 32, 32), text_hidden_size=32)
+
+
+def tiny_policy(kind: str = "diffusion", seed: int = 0):  # noqa: ANN201
+    """A randomly initialised, very small ShapeWorld policy for fast unit tests of losses."""
+    policy = build_shapes_policy(kind, TINY, seed=seed)
+    policy.text_encoder.requires_grad_(False)
+    return policy
+
+
+def run_smoke(method: str, reward: str, out: Path, model: str | None = None, **overrides: Any) -> list[dict]:
+    """Run the method's smoke preset on a shipped model; returns metrics records."""
+    cls = get_method(method)
+    settings = {"preset": "smoke", "reward": reward, **overrides}
+    if model is not None:
+        settings["model"] = model
+    config = build_config(cls.config_class, cls.presets, settings)
+    torch.manual_seed(config.seed)
+    policy = load_policy(config.model)
+    return train(cls(policy=policy, reward=get_reward(config.reward), config=config), out, progress=False)
+
+
+def training_rewards(records: list[dict]) -> list[float]:
+    return [r["reward_mean"] for r in records if "reward_mean" in r]
+
+
+def strip_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]

@@ -1,0 +1,43 @@
+"""Session fixtures for the site tests: one strict MkDocs build shared by test_site and test_browser.
+
+Loaded from conftest.py through ``pytest_plugins`` so that both test modules get the same build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the site with the repository's mkdocs.yml into a temporary directory; return that directory.
+
+    ``--strict`` without ``-q``: with ``-q`` MkDocs exits 0 even when it has warnings, so the output is
+    also searched for WARNING.
+    """
+    site_dir = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "MPLBACKEND": "Agg"}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO_ROOT / "mkdocs.yml"), "-d", str(site_dir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"mkdocs build --strict failed (exit {result.returncode}):\n{output}"
+    warnings = [line for line in output.splitlines() if "WARNING" in line]
+    assert not warnings, "mkdocs build printed warnings:\n" + "\n".join(warnings)
+    print(f"\nsite built in {time.perf_counter() - start:.1f} s into {site_dir}")
+    return site_dir

@@ -1,0 +1,143 @@
+"""The built site: strict build, nothing loaded from another host, generated pages complete, local MathJax."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from reference_impls.knowledge.catalog import load_catalog
+
+# <link rel=...> values that make the browser fetch the target; canonical/alternate links are only names.
+FETCHING_RELS = {"stylesheet", "icon", "shortcut", "apple-touch-icon", "preload", "modulepreload", "prefetch", "manifest"}
+CSS_URL = re.compile(r"url\(\s*['\"]?([^'\")\s]+)['\"]?\s*\)|@import\s+['\"]([^'\"]+)['\"]")
+
+
+class ResourceCollector(HTMLParser):
+    """Collects every URL a page makes the browser load (scripts, styles, images, frames, media)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resources: list[tuple[str, str]] = []  # (tag, url)
+        self.links: list[str] = []  # <a href>
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag == "a" and "href" in values:
+            self.links.append(values["href"])
+        elif tag == "link":
+            rels = set(values.get("rel", "").lower().split())
+            if rels & FETCHING_RELS:
+                self.resources.append((tag, values.get("href", "")))
+        elif tag in ("script", "img", "iframe", "source", "video", "audio", "embed", "track", "input"):
+            for name in ("src", "poster"):
+                if values.get(name):
+                    self.resources.append((tag, values[name]))
+            for candidate in values.get("srcset", "").split(","):
+                if candidate.strip():
+                    self.resources.append((tag, candidate.split()[0]))
+        elif tag == "object" and values.get("data"):
+            self.resources.append((tag, values["data"]))
+        if values.get("style"):
+            self.resources += [(f"{tag}[style]", url) for url in css_urls(values["style"])]
+
+
+def css_urls(css: str) -> list[str]:
+    return [a or b for a, b in CSS_URL.findall(css)]
+
+
+def is_remote(url: str) -> bool:
+    """Anything with a host (http://, https://, //host) is remote; data: and relative URLs are local."""
+    parsed = urlparse(url.strip())
+    return bool(parsed.netloc) or parsed.scheme not in ("", "data", "blob")
+
+
+def parse_page(path: Path) -> ResourceCollector:
+    collector = ResourceCollector()
+    collector.feed(path.read_text(encoding="utf-8"))
+    return collector
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+def test_site_builds_strict(built_site: Path) -> None:
+    assert (built_site / "index.html").is_file()
+    assert (built_site / "taxonomy" / "index.html").is_file()
+    assert (built_site / "bibliography" / "index.html").is_file()
+
+
+def test_no_page_loads_anything_from_another_host(built_site: Path) -> None:
+    offenders = []
+    pages = sorted(built_site.rglob("*.html"))
+    assert len(pages) > 10
+    for page in pages:
+        for tag, url in parse_page(page).resources:
+            if is_remote(url):
+                offenders.append(f"{page.relative_to(built_site)}: <{tag}> {url}")
+    for stylesheet in sorted(built_site.rglob("*.css")):
+        for url in css_urls(stylesheet.read_text(encoding="utf-8", errors="replace")):
+            if is_remote(url):
+                offenders.append(f"{stylesheet.relative_to(built_site)}: url({url})")
+    assert not offenders, "resources loaded from another host:\n" + "\n".join(offenders[:40])
+
+
+def test_taxonomy_links_every_catalogued_method(built_site: Path, catalog) -> None:
+    links = {urlparse(href).path for href in parse_page(built_site / "taxonomy" / "index.html").links}
+    missing = [e.key for e in catalog.methods() if f"../methods/{e.key}/" not in links]
+    assert not missing, f"methods missing from the taxonomy page: {missing}"
+    for entry in catalog.methods():
+        assert (built_site / "methods" / entry.key / "index.html").is_file()
+
+
+def test_family_pages_list_their_methods(built_site: Path, catalog) -> None:
+    for family in catalog.vocabulary.method_families:
+        links = set(parse_page(built_site / "families" / family / "index.html").links)
+        for entry in catalog.methods(family):
+            assert f"../../methods/{entry.key}/" in links, (family, entry.key)
+
+
+def code_blocks(html: str) -> list[str]:
+    """Text of every highlighted code block (Pygments wraps each token in a span)."""
+    blocks = re.findall(r'<div class="[^"]*highlight[^"]*"><pre>(.*?)</pre></div>', html, flags=re.S)
+    return [unescape(re.sub(r"<[^>]+>", "", block)) for block in blocks]
+
+
+def test_method_page_has_bibtex_block(built_site: Path, catalog) -> None:
+    for entry in catalog.methods()[:3]:
+        bib = catalog.bibliography[entry.key]
+        html = (built_site / "methods" / entry.key / "index.html").read_text(encoding="utf-8")
+        blocks = [b for b in code_blocks(html) if b.startswith(f"@{bib.entry_type}{{{entry.key},")]
+        assert len(blocks) == 1, f"{entry.key}: no BibTeX code block"
+        assert '"content.code.copy"' in html  # the theme adds a copy button to every code block
+        assert f"../../bibliography/#{entry.key}" in html
+
+
+def test_bibliography_has_an_anchor_and_bibtex_for_every_entry(built_site: Path, catalog) -> None:
+    html = (built_site / "bibliography" / "index.html").read_text(encoding="utf-8")
+    missing = [key for key in catalog.keys if f'id="{key}"' not in html]
+    assert not missing, f"bibliography anchors missing: {missing[:10]}"
+    assert html.count('<details class="quote">') == len(catalog)
+    assert len([b for b in code_blocks(html) if b.startswith("@")]) == len(catalog)
+
+
+def test_timeline_figure_is_embedded(built_site: Path) -> None:
+    png = built_site / "assets" / "generated" / "timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (built_site / "taxonomy" / "index.html").read_text(encoding="utf-8")
+    assert "assets/generated/timeline.png" in html
+
+
+def test_mathjax_is_served_locally(built_site: Path) -> None:
+    assert (built_site / "assets" / "mathjax" / "MathJax.js").is_file()
+    for page in (built_site / "index.html", built_site / "taxonomy" / "index.html"):
+        scripts = [url for tag, url in parse_page(page).resources if tag == "script"]
+        mathjax = [url for url in scripts if url.endswith("assets/mathjax/MathJax.js")]
+        assert mathjax, f"{page} does not load MathJax"
+        assert all(not url.startswith("/") and not is_remote(url) for url in mathjax), mathjax
