@@ -199,7 +199,9 @@ def merge(parts_dir: Path = PARTS_DIR) -> tuple[str, str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="report problems without writing")
     parser.add_argument("--parts", type=Path, default=PARTS_DIR, help="directory of the parts")
     parser.add_argument("--out", type=Path, default=BIB_DIR, help="where to write the two files")

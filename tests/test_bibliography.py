@@ -81,12 +81,16 @@ def test_real_data_has_at_least_180_entries(bibliography) -> None:
 # Units
 
 
-@pytest.mark.parametrize("value", ["2305.13301", "1707.06347", "0704.0001", "cs/0101001", "math.GT/0309136", "hep-th/9901001"])
+@pytest.mark.parametrize(
+    "value", ["2305.13301", "1707.06347", "0704.0001", "cs/0101001", "math.GT/0309136", "hep-th/9901001"]
+)
 def test_arxiv_ids_accepted(value: str) -> None:
     assert is_arxiv_id(value)
 
 
-@pytest.mark.parametrize("value", ["2305.13301v2", "2305.133", "arXiv:2305.13301", "23051.3301", "cs/010100", "CS/0101001"])
+@pytest.mark.parametrize(
+    "value", ["2305.13301v2", "2305.133", "arXiv:2305.13301", "23051.3301", "cs/010100", "CS/0101001"]
+)
 def test_arxiv_ids_rejected(value: str) -> None:
     assert not is_arxiv_id(value)
 
@@ -133,7 +137,10 @@ def test_good_fixture_loads(tmp_path: Path) -> None:
 
 
 def test_missing_required_field_is_named_with_line(tmp_path: Path) -> None:
-    path = write_bib(tmp_path, GOOD + "\n@article{ho2020ddpm,\n  title = {Denoising},\n  author = {Ho, J},\n  year = {2020},\n}\n")
+    path = write_bib(
+        tmp_path,
+        GOOD + "\n@article{ho2020ddpm,\n  title = {Denoising},\n  author = {Ho, J},\n  year = {2020},\n}\n",
+    )
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:10: ho2020ddpm: field 'journal'")
 
@@ -155,7 +162,9 @@ def test_malformed_arxiv_id_and_missing_prefix(tmp_path: Path) -> None:
 def test_duplicate_key_names_both_lines(tmp_path: Path) -> None:
     path = write_bib(tmp_path, GOOD + "\n" + GOOD.replace("2305.13301", "2305.99999"))
     problems = problems_of(path)
-    assert any(p.startswith(f"{path}:10: black2023ddpo") and "duplicate key (first at line 1)" in p for p in problems)
+    assert any(
+        p.startswith(f"{path}:10: black2023ddpo") and "duplicate key (first at line 1)" in p for p in problems
+    )
 
 
 def test_duplicate_arxiv_id(tmp_path: Path) -> None:
@@ -174,7 +183,9 @@ def test_syntax_error_reports_file_and_line(tmp_path: Path) -> None:
 def test_missing_comma_between_fields(tmp_path: Path) -> None:
     path = write_bib(tmp_path, GOOD.replace("Learning},", "Learning}"))
     problems = problems_of(path)
-    assert any(p.startswith(f"{path}:2: black2023ddpo: field 'title'") and "missing comma" in p for p in problems)
+    assert any(
+        p.startswith(f"{path}:2: black2023ddpo: field 'title'") and "missing comma" in p for p in problems
+    )
 
 
 def test_bad_key_and_year(tmp_path: Path) -> None:
@@ -186,7 +197,9 @@ def test_bad_key_and_year(tmp_path: Path) -> None:
 
 
 def test_misc_needs_howpublished_or_url(tmp_path: Path) -> None:
-    path = write_bib(tmp_path, "@misc{openai2023dalle,\n  title = {DALL-E},\n  author = {{OpenAI}},\n  year = {2023},\n}\n")
+    path = write_bib(
+        tmp_path, "@misc{openai2023dalle,\n  title = {DALL-E},\n  author = {{OpenAI}},\n  year = {2023},\n}\n"
+    )
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:1: openai2023dalle: field 'howpublished'")
 
@@ -199,7 +212,9 @@ def test_unknown_entry_type(tmp_path: Path) -> None:
 
 def test_parse_keeps_going_after_errors(tmp_path: Path) -> None:
     # One broken entry must not hide the others: all problems in one run.
-    text = GOOD.replace("2305.13301v", "") + "\n@article{x2020y,\n  title = {T},\n}\n" + "\n@misc{y2021z,\n}\n"
+    text = (
+        GOOD.replace("2305.13301v", "") + "\n@article{x2020y,\n  title = {T},\n}\n" + "\n@misc{y2021z,\n}\n"
+    )
     bibliography, problems = parse_bibliography(write_bib(tmp_path, text))
     assert "black2023ddpo" in bibliography
     assert len(problems_of(tmp_path / "references.bib")) >= 4

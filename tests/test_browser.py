@@ -32,7 +32,9 @@ if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
         allow_module_level=True,
     )
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')"
+)
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -112,7 +114,9 @@ def test_home_and_taxonomy(browser, site_url: str, catalog) -> None:
     names = {link.text for link in table.find_elements(By.CSS_SELECTOR, "td a")}
     assert {entry.name for entry in catalog.methods()} <= names
     figure = browser.find_element(By.CSS_SELECTOR, "img[src$='timeline.png']")
-    assert browser.execute_script("return arguments[0].naturalWidth", figure) > 0, "timeline image did not load"
+    assert browser.execute_script("return arguments[0].naturalWidth", figure) > 0, (
+        "timeline image did not load"
+    )
 
 
 def test_method_page_with_copyable_bibtex(browser, site_url: str, catalog) -> None:
@@ -122,7 +126,9 @@ def test_method_page_with_copyable_bibtex(browser, site_url: str, catalog) -> No
     # The theme adds a copy button to each code block once its JavaScript has run (md-clipboard up to
     # Material 9.6, md-code__button since).
     WebDriverWait(browser, WAIT_S).until(
-        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "button.md-clipboard, button.md-code__button"))
+        expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "button.md-clipboard, button.md-code__button")
+        )
     )
     code = browser.find_elements(By.CSS_SELECTOR, "div.highlight code")
     assert any(block.text.startswith("@") and entry.key in block.text for block in code)
@@ -155,7 +161,11 @@ def test_search_finds_a_method(browser, site_url: str, catalog) -> None:
 
 
 def test_formula_renders_with_local_mathjax(browser, site_url: str, built_site: Path) -> None:
-    pages = sorted((built_site / "foundations").rglob("index.html")) if (built_site / "foundations").exists() else []
+    pages = (
+        sorted((built_site / "foundations").rglob("index.html"))
+        if (built_site / "foundations").exists()
+        else []
+    )
     with_math = [p for p in pages if 'class="arithmatex"' in p.read_text(encoding="utf-8")]
     if not with_math:
         pytest.skip("no foundations page with a formula in this build")
@@ -164,12 +174,18 @@ def test_formula_renders_with_local_mathjax(browser, site_url: str, built_site: 
     # MathJax 2 marks its output by renderer: .MathJax_SVG (SVG), .MathJax (HTML-CSS), .MathJax_CHTML.
     try:
         rendered = WebDriverWait(browser, WAIT_S).until(
-            lambda driver: driver.find_elements(By.CSS_SELECTOR, ".MathJax_SVG, .MathJax_SVG_Display, .MathJax, .MathJax_CHTML")
+            lambda driver: driver.find_elements(
+                By.CSS_SELECTOR, ".MathJax_SVG, .MathJax_SVG_Display, .MathJax, .MathJax_CHTML"
+            )
         )
     except TimeoutException:
-        errors = list(dict.fromkeys(e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"))
+        errors = list(
+            dict.fromkeys(e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE")
+        )
         pytest.fail(f"no formula rendered on /{relative}/ after {WAIT_S} s; browser errors: {errors[:5]}")
     assert rendered
-    sources = [s.get_attribute("src") for s in browser.find_elements(By.CSS_SELECTOR, "script[src*='MathJax']")]
+    sources = [
+        s.get_attribute("src") for s in browser.find_elements(By.CSS_SELECTOR, "script[src*='MathJax']")
+    ]
     assert sources and all(src.startswith(site_url) for src in sources), sources
     browser.save_screenshot(str(ARTIFACTS / "formula.png"))

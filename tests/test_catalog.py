@@ -135,7 +135,10 @@ def mini_repo(tmp_path: Path) -> Path:
 
 def load_mini(root: Path):
     return load_catalog(
-        root / "bib" / "catalog.yaml", root / "bib" / "references.bib", root / "bib" / "vocabulary.yaml", root=root
+        root / "bib" / "catalog.yaml",
+        root / "bib" / "references.bib",
+        root / "bib" / "vocabulary.yaml",
+        root=root,
     )
 
 
@@ -156,16 +159,20 @@ def test_mini_repo_loads(mini_repo: Path) -> None:
 
 def test_unknown_family_names_line_field_and_suggestion(mini_repo: Path) -> None:
     path = mini_repo / "bib" / "catalog.yaml"
-    [problem] = catalog_problems(mini_repo, CATALOG.replace("family: policy-gradient", "family: policy-gradiant"))
+    [problem] = catalog_problems(
+        mini_repo, CATALOG.replace("family: policy-gradient", "family: policy-gradiant")
+    )
     assert problem.startswith(f"{path}:11: black2023ddpo: field 'family'")
     assert "Did you mean policy-gradient?" in problem
     assert "Allowed: policy-gradient, reward-backprop" in problem
 
 
 def test_bad_feedback_modality_generator(mini_repo: Path) -> None:
-    text = (
-        CATALOG.replace("feedback: [learned-reward-model, verifiable-rule]", "feedback: learned-reward-model")
-        .replace("modality: image\n  generator: diffusion\n  feedback: [none]", "modality: pictures\n  generator: difusion\n  feedback: [nothing]")
+    text = CATALOG.replace(
+        "feedback: [learned-reward-model, verifiable-rule]", "feedback: learned-reward-model"
+    ).replace(
+        "modality: image\n  generator: diffusion\n  feedback: [none]",
+        "modality: pictures\n  generator: difusion\n  feedback: [nothing]",
     )
     problems = catalog_problems(mini_repo, text)
     assert any(":14: black2023ddpo: field 'feedback'" in p and "must be a list" in p for p in problems)
@@ -175,7 +182,9 @@ def test_bad_feedback_modality_generator(mini_repo: Path) -> None:
 
 
 def test_missing_required_and_unknown_field(mini_repo: Path) -> None:
-    text = CATALOG.replace("  verified: arXiv abs page\nblack2023ddpo", "  verfied: arXiv abs page\nblack2023ddpo")
+    text = CATALOG.replace(
+        "  verified: arXiv abs page\nblack2023ddpo", "  verfied: arXiv abs page\nblack2023ddpo"
+    )
     problems = catalog_problems(mini_repo, text)
     assert any(":8: ho2020ddpm: field 'verfied'" in p and "did you mean verified" in p for p in problems)
     assert any(":1: ho2020ddpm: field 'verified'" in p and "required" in p for p in problems)
@@ -194,12 +203,21 @@ def test_keys_must_match_the_bibliography(mini_repo: Path) -> None:
     problems = catalog_problems(mini_repo, CATALOG.replace("black2023ddpo:", "black2023ddop:"))
     catalog_path = mini_repo / "bib" / "catalog.yaml"
     bib_path = mini_repo / "bib" / "references.bib"
-    assert any(p.startswith(f"{catalog_path}:9: black2023ddop") and "did you mean black2023ddpo" in p for p in problems)
-    assert any(p.startswith(f"{bib_path}:10: black2023ddpo") and "no record in catalog.yaml" in p for p in problems)
+    assert any(
+        p.startswith(f"{catalog_path}:9: black2023ddop") and "did you mean black2023ddpo" in p
+        for p in problems
+    )
+    assert any(
+        p.startswith(f"{bib_path}:10: black2023ddpo") and "no record in catalog.yaml" in p for p in problems
+    )
 
 
 def test_duplicate_record_and_yaml_syntax(mini_repo: Path) -> None:
     problems = catalog_problems(mini_repo, CATALOG + CATALOG.split("black2023ddpo:")[0])
     assert any(":20: ho2020ddpm" in p and "given twice (first at line 1)" in p for p in problems)
     problems = catalog_problems(mini_repo, CATALOG.replace("name: DDPO", "name: [DDPO"))
-    assert len(problems) == 1 and "not valid YAML" in problems[0] and str(mini_repo / "bib" / "catalog.yaml") in problems[0]
+    assert (
+        len(problems) == 1
+        and "not valid YAML" in problems[0]
+        and str(mini_repo / "bib" / "catalog.yaml") in problems[0]
+    )

@@ -137,7 +137,10 @@ def test_malformed_data_exits_2_with_file_line_field(capsys, monkeypatch, tmp_pa
     bib = tmp_path / "bib" / "references.bib"
     text = bib.read_text(encoding="utf-8")
     first_eprint = text.index("eprint = {")
-    bib.write_text(text[:first_eprint] + "eprint = {1234.5v2}" + text[text.index("}", first_eprint) + 1 :], encoding="utf-8")
+    bib.write_text(
+        text[:first_eprint] + "eprint = {1234.5v2}" + text[text.index("}", first_eprint) + 1 :],
+        encoding="utf-8",
+    )
     line = text[:first_eprint].count("\n") + 1
     monkeypatch.setenv("RLVG_REPO_ROOT", str(tmp_path))
     code, _, err = run(capsys, "catalog")
@@ -184,16 +187,25 @@ def test_catalog_json_csv_and_implemented(capsys, catalog) -> None:
 def test_installed_rlvg_command(arxiv_method, tmp_path: Path) -> None:
     env = {**os.environ, "RLVG_REPO_ROOT": str(REPO_ROOT)}
     result = subprocess.run(
-        [str(RLVG), "cite", arxiv_method.key, "--format", "text"], capture_output=True, text=True, env=env, timeout=60
+        [str(RLVG), "cite", arxiv_method.key, "--format", "text"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert arxiv_method.key not in result.stdout and "arXiv:" in result.stdout
-    result = subprocess.run([str(RLVG), "catalog", "--family", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(
+        [str(RLVG), "catalog", "--family", "nope"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert result.returncode == 2
     assert "Allowed values: policy-gradient" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run(
         [str(RLVG), "cite", "--family", "reward-backprop", "--out", str(tmp_path / "rb.bib")],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert parse_bibtex((tmp_path / "rb.bib").read_text(encoding="utf-8")).entries
@@ -206,14 +218,19 @@ def test_installed_rlvg_command(arxiv_method, tmp_path: Path) -> None:
 def test_author_names_and_et_al(tmp_path: Path) -> None:
     path = tmp_path / "x.bib"
     path.write_text(
-        "@article{muller2020x,\n  title = {A {GAN} for {\\\"O}zg{\\\"u}r?},\n"
-        "  author = {M{\\\"u}ller, Jean-Pierre and Ng, Andrew Y. and {DeepSeek-AI} and Doe, J. and others},\n"
+        '@article{muller2020x,\n  title = {A {GAN} for {\\"O}zg{\\"u}r?},\n'
+        '  author = {M{\\"u}ller, Jean-Pierre and Ng, Andrew Y. and {DeepSeek-AI} and Doe, J. and others},\n'
         "  journal = {Nature},\n  year = {2020},\n  doi = {10.1/x},\n}\n",
         encoding="utf-8",
     )
     bibliography, problems = parse_bibliography(path)
     assert problems == []
     entry = bibliography["muller2020x"]
-    assert cite.to_text(entry) == "J.-P. Müller, A. Y. Ng, DeepSeek-AI, et al. A GAN for Özgür? Nature, 2020. doi:10.1/x."
-    assert cite.to_markdown(entry).startswith("J.-P. Müller, A. Y. Ng, DeepSeek-AI, et al. *A GAN for Özgür?* Nature")
-    assert unwrap('{a {b} c}') == "a {b} c" and unwrap("{a} b = {c}") is None
+    assert (
+        cite.to_text(entry)
+        == "J.-P. Müller, A. Y. Ng, DeepSeek-AI, et al. A GAN for Özgür? Nature, 2020. doi:10.1/x."
+    )
+    assert cite.to_markdown(entry).startswith(
+        "J.-P. Müller, A. Y. Ng, DeepSeek-AI, et al. *A GAN for Özgür?* Nature"
+    )
+    assert unwrap("{a {b} c}") == "a {b} c" and unwrap("{a} b = {c}") is None

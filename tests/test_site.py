@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,7 +14,16 @@ import pytest
 from reference_impls.knowledge.catalog import load_catalog
 
 # <link rel=...> values that make the browser fetch the target; canonical/alternate links are only names.
-FETCHING_RELS = {"stylesheet", "icon", "shortcut", "apple-touch-icon", "preload", "modulepreload", "prefetch", "manifest"}
+FETCHING_RELS = {
+    "stylesheet",
+    "icon",
+    "shortcut",
+    "apple-touch-icon",
+    "preload",
+    "modulepreload",
+    "prefetch",
+    "manifest",
+}
 CSS_URL = re.compile(r"url\(\s*['\"]?([^'\")\s]+)['\"]?\s*\)|@import\s+['\"]([^'\"]+)['\"]")
 
 
@@ -141,3 +151,71 @@ def test_mathjax_is_served_locally(built_site: Path) -> None:
         mathjax = [url for url in scripts if url.endswith("assets/mathjax/MathJax.js")]
         assert mathjax, f"{page} does not load MathJax"
         assert all(not url.startswith("/") and not is_remote(url) for url in mathjax), mathjax
+
+
+def test_every_bibliography_link_points_at_an_entry(built_site: Path, catalog) -> None:
+    """Pages cite works as bibliography.md#KEY; MkDocs only reports a missing anchor at INFO level."""
+    broken = []
+    for page in sorted(built_site.rglob("*.html")):
+        for href in parse_page(page).links:
+            parsed = urlparse(href)
+            fragment = parsed.fragment
+            if not parsed.path.endswith("bibliography/") or not fragment or fragment.startswith("family-"):
+                continue  # not a link to one entry (family sections are anchors of their own)
+            if fragment not in catalog:
+                broken.append(f"{page.relative_to(built_site)}: #{fragment}")
+    assert not broken, "links to keys that are not in bib/references.bib:\n" + "\n".join(sorted(set(broken)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generator itself, without MkDocs
+
+
+def test_generate_is_fast_idempotent_and_cleans_up(tmp_path: Path, catalog) -> None:
+    from reference_impls.knowledge import sitegen
+
+    docs = tmp_path / "docs"
+    stale = docs / "methods" / "removed2020method.md"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old", encoding="utf-8")
+    start = time.perf_counter()
+    nav = sitegen.generate(docs, catalog)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0 * max(1, len(catalog) / 200), f"generate() took {elapsed:.2f} s"
+    assert not stale.exists()
+    first = {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in docs.rglob("*") if p.is_file()}
+    assert sitegen.generate(docs, catalog) == nav
+    assert {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()} == first
+    # Unchanged files are not rewritten, so `mkdocs serve` does not rebuild on its own output.
+    assert {p: p.stat().st_mtime_ns for p in docs.rglob("*") if p.is_file()} == mtimes
+    methods = [page for section in nav["Methods"] for pages in section.values() for page in pages]
+    assert len(methods) == len(catalog.methods())
+    assert nav["Taxonomy"][0] == "taxonomy.md" and nav["Bibliography"] == ["bibliography.md"]
+
+
+def test_handwritten_pages_are_included(tmp_path: Path, catalog) -> None:
+    from reference_impls.knowledge import sitegen
+
+    entry = catalog.methods()[0]
+    docs = tmp_path / "docs"
+    (docs / "_handwritten" / "methods").mkdir(parents=True)
+    (docs / "_handwritten" / "families").mkdir(parents=True)
+    (docs / "_handwritten" / "methods" / f"{entry.key}.md").write_text(
+        "# Ignored title\n\n## Background\n\nHand-written text.\n", encoding="utf-8"
+    )
+    (docs / "_handwritten" / "families" / f"{entry.family}.md").write_text(
+        "## Background\n\nFamily text.\n", encoding="utf-8"
+    )
+    sitegen.generate(docs, catalog)
+    page = (docs / "methods" / f"{entry.key}.md").read_text(encoding="utf-8")
+    assert "Hand-written text." in page and "Ignored title" not in page
+    assert "Catalogued, not implemented" not in page
+    assert page.index("## At a glance") < page.index("## Background") < page.index("## References")
+    assert "```bibtex" in page
+    family = (docs / "families" / f"{entry.family}.md").read_text(encoding="utf-8")
+    assert family.index("Family text.") < family.index("## Methods in this family")
+    other = catalog.methods()[1]
+    assert "Catalogued, not implemented" in (docs / "methods" / f"{other.key}.md").read_text(
+        encoding="utf-8"
+    ) or (other.implemented)

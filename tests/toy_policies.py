@@ -36,7 +36,9 @@ def exact_velocity(x: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, std: to
     return (s - (1 - s) * std**2) * (x - (1 - s) * mean) / variance - mean
 
 
-def exact_epsilon(x: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def exact_epsilon(
+    x: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
     variance = alpha_bar * std**2 + 1 - alpha_bar
     return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mean) / variance
 
@@ -57,7 +59,9 @@ def gaussian_flow_policy(mean: list[float], std: list[float]) -> GenerativePolic
     """A flow policy whose velocity is exact for x0 ~ N(mean, diag(std^2)); latent shape (D, 1, 1)."""
     m, s0 = _column(mean), _column(std)
 
-    def call(x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def call(
+        module: nn.Module, x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         s = (model_timestep.to(x.dtype) / TRAIN_TIMESTEPS).view(-1, 1, 1, 1)
         return exact_velocity(x, s, m, s0)
 
@@ -72,14 +76,27 @@ def gaussian_flow_policy(mean: list[float], std: list[float]) -> GenerativePolic
     )
 
 
-def gaussian_diffusion_policy(mean: list[float], std: list[float]) -> GenerativePolicy:
-    """An epsilon policy, exact for x0 ~ N(mean, diag(std^2)) under the cosine schedule."""
+def gaussian_diffusion_policy(
+    mean: list[float], std: list[float], clip_sample: bool = False
+) -> GenerativePolicy:
+    """An epsilon policy, exact for x0 ~ N(mean, diag(std^2)) under the cosine schedule.
+
+    ``clip_sample`` goes into the scheduler's config (diffusers' flag for clamping the predicted x0 to
+    [-1, 1]); only data inside that range should set it.
+    """
     m, s0 = _column(mean), _column(std)
-    scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="epsilon", clip_sample=False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=TRAIN_TIMESTEPS,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=clip_sample,
+        clip_sample_range=1.0,
+    )
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
 
-    def call(x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def call(
+        module: nn.Module, x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         a = alphas_cumprod[model_timestep.round().long()].view(-1, 1, 1, 1)
         # float64 inside: near t = T-1, alpha_bar ~ 2e-9 and x0_hat divides by sqrt(alpha_bar).
         return exact_epsilon(x.double(), a, m.double(), s0.double()).to(x.dtype)

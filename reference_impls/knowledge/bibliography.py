@@ -203,7 +203,7 @@ def _entry_from_block(block: Entry, path: Path, problems: list[DataProblem]) -> 
                     field_line,
                     block.key,
                     item.key,
-                    f"value {item.value[:60]!r} is not one {{...}} or \"...\" group (a missing comma "
+                    f'value {item.value[:60]!r} is not one {{...}} or "..." group (a missing comma '
                     "before the next field?)",
                 )
             )
@@ -265,7 +265,10 @@ def check_entry(entry: BibEntry) -> list[DataProblem]:
         problem(None, "key must look like <lastname><year><shortname>, only [a-z0-9], e.g. black2023ddpo")
     required = REQUIRED_FIELDS.get(entry.entry_type)
     if required is None:
-        problem(None, f"entry type @{entry.entry_type} is not used here; use one of @{', @'.join(REQUIRED_FIELDS)}")
+        problem(
+            None,
+            f"entry type @{entry.entry_type} is not used here; use one of @{', @'.join(REQUIRED_FIELDS)}",
+        )
         required = ()
     for name in required:
         if not entry.get(name).strip():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,12 @@ from reference_impls.knowledge.paths import bib_dir, repo_root
 REQUIRED = ("name", "family", "modality", "generator", "feedback", "mechanism", "verified")
 OPTIONAL = ("code", "implementation", "notebook")
 # Catalog field -> vocabulary section holding its allowed values.
-VOCABULARY_FIELDS = {"family": "family", "modality": "modality", "generator": "generator", "feedback": "feedback"}
+VOCABULARY_FIELDS = {
+    "family": "family",
+    "modality": "modality",
+    "generator": "generator",
+    "feedback": "feedback",
+}
 # The columns of the taxonomy matrix, in this order; other modalities follow if methods use them.
 MAIN_MODALITIES = ("image", "video", "3d-4d")
 
@@ -56,7 +62,9 @@ class Vocabulary:
         """Value -> label for a vocabulary field (``family``, ``modality``, ``generator``, ``feedback``)."""
         if field_name == "family":
             return {key: family.label for key, family in self.families.items()}
-        return {"modality": self.modalities, "generator": self.generators, "feedback": self.feedback}[field_name]
+        return {"modality": self.modalities, "generator": self.generators, "feedback": self.feedback}[
+            field_name
+        ]
 
     def label(self, field_name: str, value: str) -> str:
         return self.allowed(field_name).get(value, value)
@@ -93,6 +101,12 @@ class CatalogEntry:
     @property
     def implemented(self) -> bool:
         return bool(self.implementation)
+
+    @property
+    def first_year(self) -> int | None:
+        """Year the work first appeared (usually its first arXiv version): the year in its key."""
+        match = re.search(r"[0-9]{4}", self.key)
+        return int(match.group()) if match else self.year
 
 
 @dataclass(frozen=True)
@@ -227,11 +241,15 @@ def load_vocabulary(path: Path | None = None) -> Vocabulary:
         raise DataError([DataProblem(path, 1, None, None, "must be a mapping of field -> allowed values")])
     missing = [name for name in VOCABULARY_FIELDS.values() if not isinstance(data.get(name), dict)]
     if missing:
-        raise DataError([DataProblem(path, 1, None, name, "section missing or not a mapping") for name in missing])
+        raise DataError(
+            [DataProblem(path, 1, None, name, "section missing or not a mapping") for name in missing]
+        )
     families = {}
     for key, value in data["family"].items():
         if not isinstance(value, dict) or "label" not in value:
-            raise DataError([DataProblem(path, None, key, "family", "needs {label: ..., method_family: ...}")])
+            raise DataError(
+                [DataProblem(path, None, key, "family", "needs {label: ..., method_family: ...}")]
+            )
         families[str(key)] = Family(str(key), str(value["label"]), bool(value.get("method_family")))
     return Vocabulary(
         families=families,
@@ -249,7 +267,9 @@ def _allowed_message(vocabulary: Vocabulary, field_name: str, value: str) -> str
     allowed = list(vocabulary.allowed(field_name))
     close = suggest(value, allowed)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    return f"{value!r} is not an allowed {field_name}.{hint} Allowed: {', '.join(allowed)} (bib/vocabulary.yaml)"
+    return (
+        f"{value!r} is not an allowed {field_name}.{hint} Allowed: {', '.join(allowed)} (bib/vocabulary.yaml)"
+    )
 
 
 def check_record(
@@ -359,7 +379,9 @@ def match_bibliography(
     for bib_entry in bibliography:
         if bib_entry.key not in record_lines:
             problems.append(
-                DataProblem(bib_entry.path, bib_entry.line, bib_entry.key, None, "has no record in catalog.yaml")
+                DataProblem(
+                    bib_entry.path, bib_entry.line, bib_entry.key, None, "has no record in catalog.yaml"
+                )
             )
     joined = [
         dataclasses.replace(entry, year=bibliography[entry.key].year, title=bibliography[entry.key].title)

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cite_parser.add_argument("--format", choices=cite.FORMATS, default="bibtex", help="default: bibtex")
     cite_parser.add_argument("--family", help="add every entry of this family (see `rlvg catalog`)")
     cite_parser.add_argument("--modality", help="add every entry of this modality (image, video, 3d-4d, ...)")
-    cite_parser.add_argument("--out", type=Path, metavar="FILE.bib", help="write to this file instead of stdout")
+    cite_parser.add_argument(
+        "--out", type=Path, metavar="FILE.bib", help="write to this file instead of stdout"
+    )
     cite_parser.set_defaults(handler=run_cite)
 
     catalog_parser = subparsers.add_parser(
@@ -117,7 +119,11 @@ def run_cite(args: argparse.Namespace) -> int:
     if args.format == "bibtex":
         header = None
         if filtered:
-            chosen = " ".join(f"{flag} {value}" for flag, value in (("--family", args.family), ("--modality", args.modality)) if value)
+            chosen = " ".join(
+                f"{flag} {value}"
+                for flag, value in (("--family", args.family), ("--modality", args.modality))
+                if value
+            )
             header = f"Exported by `rlvg cite {chosen}` from the RL-for-visual-generation atlas ({len(entries)} entries)."
         text = cite.bibtex_file(entries, header)
     else:

@@ -132,8 +132,8 @@ def taxonomy_page(catalog: Catalog) -> str:
     out.append("## Timeline\n")
     out.append(
         f"![Catalogued methods per year, stacked by family]({TIMELINE})\n\n"
-        "Methods per year of publication (the year of the venue version, or of the first arXiv version), "
-        "stacked by family.\n"
+        "Methods per year of first appearance (usually the first arXiv version; the year in the BibTeX "
+        "key), stacked by family. The tables elsewhere give the year of the cited version.\n"
     )
     out.append(background_section(catalog))
     return "\n".join(out)
@@ -149,10 +149,16 @@ def counts_section(
         counts = [len(matrix[(family, m)]) for m in modalities]
         done = sum(entry.implemented for m in modalities for entry in matrix[(family, m)])
         label = vocabulary.families[family].label
-        lines.append(f"| [{cell(label)}](families/{family}.md) | " + " | ".join(map(str, counts)) + f" | {sum(counts)} | {done} |")
+        lines.append(
+            f"| [{cell(label)}](families/{family}.md) | "
+            + " | ".join(map(str, counts))
+            + f" | {sum(counts)} | {done} |"
+        )
     totals = [sum(len(matrix[(f, m)]) for f in vocabulary.method_families) for m in modalities]
     done_all = sum(entry.implemented for entries in matrix.values() for entry in entries)
-    lines.append("| **All** | " + " | ".join(f"**{t}**" for t in totals) + f" | **{sum(totals)}** | **{done_all}** |")
+    lines.append(
+        "| **All** | " + " | ".join(f"**{t}**" for t in totals) + f" | **{sum(totals)}** | **{done_all}** |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +174,9 @@ def background_section(catalog: Catalog) -> str:
     ]
     for family, info in vocabulary.families.items():
         if not info.method_family and counts[family]:
-            lines.append(f"| [{cell(info.label)}](bibliography.md#{family_anchor(family)}) | {counts[family]} |")
+            lines.append(
+                f"| [{cell(info.label)}](bibliography.md#{family_anchor(family)}) | {counts[family]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +208,10 @@ def family_page(catalog: Catalog, family: str, docs_dir: Path) -> str:
         f"{len(methods)} catalogued, {implemented} implemented in the atlas (listed first), then by year. "
         f"Export their BibTeX with `rlvg cite --family {family} --out {family}.bib`.\n"
     )
-    lines = ["| Method | Year | Modality | Generator | Feedback | Mechanism | In the atlas |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Method | Year | Modality | Generator | Feedback | Mechanism | In the atlas |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for entry in methods:
         feedback = ", ".join(short(catalog, "feedback", value) for value in entry.feedback)
         lines.append(
@@ -266,7 +277,9 @@ def method_page(catalog: Catalog, entry: CatalogEntry, docs_dir: Path) -> str:
     bib = catalog.bibliography[entry.key]
     title = cite.latex_to_text(bib.title)
     out = [banner(f"docs/{HANDWRITTEN}/methods/{entry.key}.md"), f"# {entry.name}\n"]
-    out.append(f"*{cite.escape_markdown(title)}* ({cite.escape_markdown(cite.author_list(bib))}, {bib.get('year')})\n")
+    out.append(
+        f"*{cite.escape_markdown(title)}* ({cite.escape_markdown(cite.author_list(bib))}, {bib.get('year')})\n"
+    )
     out.append("## At a glance\n")
     out.append(glance_table(catalog, entry))
     out.append("## Mechanism\n")
@@ -310,7 +323,11 @@ def bibliography_page(catalog: Catalog) -> str:
 
 def bibliography_item(catalog: Catalog, entry: CatalogEntry) -> str:
     bib = catalog.bibliography[entry.key]
-    name = f"[{cite.escape_markdown(entry.name)}](methods/{entry.key}.md)" if catalog.is_method(entry) else cite.escape_markdown(entry.name)
+    name = (
+        f"[{cite.escape_markdown(entry.name)}](methods/{entry.key}.md)"
+        if catalog.is_method(entry)
+        else cite.escape_markdown(entry.name)
+    )
     line = f'<a id="{entry.key}"></a>**{name}** · {cite.to_markdown(bib)}\n'
     details = '??? quote "BibTeX"\n\n' + bibtex_fence(cite.to_bibtex(bib), indent="    ")
     return line + "\n" + details
@@ -327,22 +344,32 @@ def timeline_png(catalog: Catalog) -> bytes:
     from matplotlib.figure import Figure
 
     vocabulary = catalog.vocabulary
-    methods = [entry for entry in catalog.methods() if entry.year]
-    years = list(range(min(e.year for e in methods), max(e.year for e in methods) + 1)) if methods else []
+    # First appearance (the key's year), not the venue year: the figure shows when ideas arrived.
+    methods = [entry for entry in catalog.methods() if entry.first_year]
+    first, last = (
+        (min(e.first_year for e in methods), max(e.first_year for e in methods)) if methods else (0, -1)
+    )
+    years = list(range(first, last + 1))
     figure = Figure(figsize=(9, 4.2), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     bottom = [0] * len(years)
     colours = ["#3f51b5", "#ff7043", "#26a69a", "#ab47bc", "#fbc02d", "#8d6e63", "#78909c"]
     for index, family in enumerate(vocabulary.method_families):
-        counts = Counter(entry.year for entry in methods if entry.family == family)
+        counts = Counter(entry.first_year for entry in methods if entry.family == family)
         heights = [counts.get(year, 0) for year in years]
         if not any(heights):
             continue
-        axes.bar(years, heights, bottom=bottom, label=vocabulary.families[family].label, color=colours[index % len(colours)])
+        axes.bar(
+            years,
+            heights,
+            bottom=bottom,
+            label=vocabulary.families[family].label,
+            color=colours[index % len(colours)],
+        )
         bottom = [b + h for b, h in zip(bottom, heights)]
     axes.set_xticks(years)
-    axes.set_xlabel("Year")
+    axes.set_xlabel("Year of first appearance")
     axes.set_ylabel("Methods")
     axes.set_title("Catalogued methods per year, by optimiser family")
     axes.spines[["top", "right"]].set_visible(False)

@@ -67,7 +67,8 @@ def build_scheduler(kind: str) -> DDPMScheduler | FlowMatchEulerDiscreteSchedule
             beta_schedule="squaredcos_cap_v2",
             prediction_type="epsilon",
             timestep_spacing="trailing",
-            clip_sample=False,
+            clip_sample=True,  # clamp x0_hat to [-1, 1]: at alpha_bar ~ 2e-9 (t = 999) eps errors blow up 1e4-fold
+            clip_sample_range=1.0,
         )
     if kind == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

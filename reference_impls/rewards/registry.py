@@ -12,6 +12,8 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
 * ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
   and hackable on purpose: painting the whole canvas that colour maximises it while the exact
   evaluator's score collapses.
+* ``shapes-learned``: a small CNN trained to predict the exact evaluator's score from (image, prompt)
+  (``reference_impls/rewards/learned.py``): the ImageReward/PickScore analogue. Differentiable.
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ def prompt_colour(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.stack(rewards)
 
 
+def shapes_learned(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.rewards.learned import learned_composition_reward
+
+    return learned_composition_reward(images, prompts)
+
+
 REWARDS: dict[str, RewardFunction] = {
     r.name: r
     for r in [
@@ -121,6 +129,8 @@ REWARDS: dict[str, RewardFunction] = {
                        "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
         RewardFunction("prompt-colour", prompt_colour, True,
                        "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
+        RewardFunction("shapes-learned", shapes_learned, True,
+                       "differentiable: a small CNN's prediction of the exact evaluator's score", world="shapes"),
     ]
 }
 

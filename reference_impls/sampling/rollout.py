@@ -67,6 +67,8 @@ class Schedule:
     """(T,) noise level after step i (flow)."""
     sigma_cap: torch.Tensor | None = None
     """Value used for s in the SDE coefficient where s = 1 (flow)."""
+    clip_x0: float | None = None
+    """Clamp the predicted x0 to [-clip_x0, clip_x0] (diffusion; the scheduler's clip_sample)."""
 
     @property
     def num_steps(self) -> int:
@@ -89,12 +91,14 @@ def make_schedule(policy: GenerativePolicy, config: SamplerConfig) -> Schedule:
         # "trailing" spacing: the first step starts from t = T-1 (pure noise under the cosine schedule).
         stride = train_steps / steps
         timesteps = (torch.arange(steps, 0, -1, dtype=torch.float64) * stride).round().long() - 1
-        previous = timesteps - round(stride)
+        previous = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
         alpha_bar = alphas_cumprod[timesteps]
         # As Stable Diffusion's schedulers (set_alpha_to_one=False), the last step targets alpha_bar[0],
         # so with eta > 0 every step is stochastic and has a log-probability.
         alpha_bar_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)], alphas_cumprod[0])
-        return Schedule(timesteps.float(), stochastic, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev)
+        clip = float(scheduler.config.clip_sample_range) if getattr(scheduler.config, "clip_sample", False) else None
+        return Schedule(timesteps.float(), stochastic, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                        clip_x0=clip)
     shift = float(getattr(scheduler.config, "shift", 1.0))
     base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
     sigmas = shift * base / (1 + (shift - 1) * base)
@@ -189,10 +193,10 @@ def apply_step(
         a_prev = _per_sample(schedule.alpha_bar_prev, step_index, x)
         if config.name == "ddpm" and stochastic:
             return ddpm_step(model_output, x, a_t, a_prev, next_state=next_state, generator=generator,
-                             noise=noise, reduction=config.reduction)
+                             noise=noise, reduction=config.reduction, clip_x0=schedule.clip_x0)
         eta = config.eta if stochastic else 0.0
         return ddim_step(model_output, x, a_t, a_prev, eta, next_state=next_state, generator=generator,
-                         noise=noise, reduction=config.reduction)
+                         noise=noise, reduction=config.reduction, clip_x0=schedule.clip_x0)
     sigma = _per_sample(schedule.sigma, step_index, x)
     sigma_next = _per_sample(schedule.sigma_next, step_index, x)
     if not stochastic:

@@ -61,6 +61,7 @@ def ddim_step(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     reduction: Reduction = "mean",
+    clip_x0: float | None = None,
 ) -> StepOutput:
     """DDIM step from x_t to x_{t'} given the predicted noise (epsilon parametrisation).
 
@@ -70,6 +71,9 @@ def ddim_step(
     """
     eps = model_output
     x0_hat = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+        eps = (x_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
     std = eta * variance.clamp(min=0).sqrt()
     direction = (1 - alpha_bar_prev - std**2).clamp(min=0).sqrt() * eps
@@ -89,6 +93,7 @@ def ddpm_step(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     reduction: Reduction = "mean",
+    clip_x0: float | None = None,
 ) -> StepOutput:
     """Ancestral step with the posterior q(x_t' | x_t, x0_hat) of the (strided) forward process.
 
@@ -97,6 +102,8 @@ def ddpm_step(
     var  = beta (1 - a_t') / (1 - a_t)
     """
     x0_hat = (x_t - (1 - alpha_bar_t).sqrt() * model_output) / alpha_bar_t.sqrt()
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
     beta = 1 - alpha_bar_t / alpha_bar_prev
     coef_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar_t)
     coef_xt = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
