@@ -7,6 +7,7 @@ given the same initial latents and schedule.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -91,8 +92,10 @@ def test_rollout_through_load_policy(policies: dict[str, GenerativePolicy], stoc
 @pytest.mark.parametrize(("eta", "guidance_scale"), [(0.0, 1.0), (1.0, 1.0), (0.0, 3.0)])
 def test_ddim_matches_stock_pipeline(policies: dict[str, GenerativePolicy], stock: dict, eta: float,
                                      guidance_scale: float) -> None:
-    """Same initial latents, same trailing DDIM timesteps (4 divides 1000, so DDIM's floor stride and
-    make_schedule's rounded stride agree), same generator for eta > 0: the results coincide."""
+    """Same initial latents, same trailing DDIM timesteps, same generator for eta > 0: the results coincide.
+
+    4 steps because 4 divides 1000: make_schedule steps to the next timestep of the list while diffusers'
+    DDIM steps to t - 1000 // steps; the two differ by one timestep when the stride is fractional."""
     policy = policies["sd"]
     # A new pipeline over the same loaded modules, so the shared fixture keeps its own scheduler.
     scheduler = DDIMScheduler.from_config(stock["sd"].scheduler.config, timestep_spacing="trailing",
@@ -163,3 +166,11 @@ def test_in_memory_pipeline_shares_modules() -> None:
     assert policy.denoiser is pipe.unet
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
     assert all(p.requires_grad for p in policy.trainable_parameters())
+    # A frozen reference copy (KL and DPO terms) is evaluated through the same policy.
+    x, t = torch.randn(2, *policy.latent_shape), torch.tensor([999.0, 999.0])
+    with torch.no_grad():
+        cond = policy.encode_text(PROMPTS)
+        reference = policy.with_denoiser(copy.deepcopy(pipe.unet))
+        torch.testing.assert_close(reference.predict(x, t, cond), policy.predict(x, t, cond))
+        next(reference.denoiser.parameters()).add_(1.0)
+        assert not torch.allclose(reference.predict(x, t, cond), policy.predict(x, t, cond))

@@ -12,9 +12,11 @@ the whole sampling chain, made affordable and less prone to over-optimisation by
   K_\max\}$ and stop the gradient before its last $K$ steps,
 
 $$
-\nabla_\theta L = -\,\mathbb{E}_{K}\,\mathbb{E}\Big[\nabla_{x_0} r(x_0, c)^\top \sum_{i = T-K}^{T-1}
-\frac{\partial x_0}{\partial x_{i+1}}\,\frac{\partial f_\theta(x_i, i, c, z_i)}{\partial \theta}\Big].
+\nabla_\theta L = -\,\mathbb{E}_{K}\,\mathbb{E}\Big[\nabla_{x_0} r(x_0, c)^\top \sum_{t=1}^{K}
+\frac{\partial x_0}{\partial x_{t-1}}\,\frac{\partial f_\theta(x_t, t, c, z_t)}{\partial \theta}\Big],
 $$
+
+with the chain written as $x_{t-1} = f_\theta(x_t, t, c, z_t)$ from noise $x_T$ to image $x_0$.
 
 Short truncations keep the gradient from exploding through long Jacobian chains and bias updates
 towards the late steps (texture and colour); the occasional long one still credits the early steps that

@@ -2,17 +2,18 @@ r"""DRaFT-K: direct reward fine-tuning through the last K sampling steps (Clark 
 
 Bib key: ``clark2024draft``.
 
-Write the sampler as $x_0 = g_\theta(x_T, c)$, a composition of $T$ steps $x_{i+1} = f_\theta(x_i, i, c, z_i)$.
-DRaFT maximises $J(\theta) = \mathbb{E}_{c, x_T, z}[r(g_\theta(x_T, c), c)]$ by following the pathwise
-gradient through the sampler. DRaFT-K stops the gradient before the last $K$ steps, treating
-$x_{T-K}$ as a constant:
+Write the sampler as $T$ steps $x_{t-1} = f_\theta(x_t, t, c, z_t)$ from noise $x_T$ to the image $x_0$
+($z_t$ the step's injected noise). DRaFT maximises $J(\theta) = \mathbb{E}_{c, x_T, z}[r(x_0, c)]$ by
+following the pathwise gradient through the sampler. DRaFT-K stops the gradient at $x_K$, so only the
+last $K$ network calls receive credit:
 
 $$
 L_K(\theta) = -\,\mathbb{E}\big[r(x_0, c)\big], \qquad
-\nabla_\theta L_K = -\,\mathbb{E}\Big[\nabla_{x_0} r(x_0, c)^\top \sum_{i = T-K}^{T-1}
-\frac{\partial x_0}{\partial x_{i+1}}\, \frac{\partial f_\theta(x_i, i, c, z_i)}{\partial \theta}\Big].
+\nabla_\theta L_K = -\,\mathbb{E}\Big[\nabla_{x_0} r(x_0, c)^\top \sum_{t=1}^{K}
+\frac{\partial x_0}{\partial x_{t-1}}\, \frac{\partial f_\theta(x_t, t, c, z_t)}{\partial \theta}\Big].
 $$
 
+In the code steps are indexed from noise ($i = 0$) to data ($i = T - 1$): ``grad_from_step = T - K``.
 $K = T$ is full DRaFT. The paper finds small $K$ (even $K = 1$) learns faster than full backpropagation
 per unit of compute: long chains of network Jacobians make the full gradient noisy and can explode.
 """

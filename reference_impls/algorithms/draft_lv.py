@@ -17,7 +17,7 @@ $$
 with $f_\theta$ the last step of the deterministic sampler (DDIM with $\eta = 0$, or the flow ODE), and
 $\epsilon^{(j)} \sim \mathcal N(0, I)$ independent. Like DRaFT-1 only one network call per image is
 differentiated, but the $n$ calls average the gradient over the last step's noise, which the paper found
-learns about twice as fast as DRaFT-1 for little extra cost (the $n$ calls are one batched forward pass).
+to learn faster than DRaFT-1 for little extra cost (here the $n$ calls are one batched forward pass).
 """
 
 from __future__ import annotations

@@ -13,13 +13,14 @@ $$
 $$
 L(\theta) = \frac{1}{B}\sum_i \frac{1}{|K_i|}\sum_{k \in K_i}
 \Big[w_{i,k} \max\big(-A_i \rho_{i,k},\, -A_i\, \mathrm{clip}(\rho_{i,k}, 1-\epsilon, 1+\epsilon)\big)
-+ \beta\, \frac{\lVert \mu_\theta(x^i_k) - \mu_\text{ref}(x^i_k) \rVert^2}{2\sigma_k^2}\Big].
++ \beta\, \frac{\lVert \mu_\theta(x^i_k) - \mu_\text{ref}(x^i_k) \rVert^2}{2 s_k^2}\Big],
 $$
 
-$w_{i,k} = 1$ except in TempFlow-GRPO (noise-aware weights). Because $w > 0$, weighting the clipped
-term equals clipping with the advantage $w A$, which is how :func:`grpo_update` applies it. The KL is
-the exact KL between the two Gaussian steps (they share the std $\sigma_k$), averaged over pixels like
-the log-densities (``reduction``). This module defines no method: each file in this folder that does
+where $s_k$ is the std of step $k$ ($\sigma_t\sqrt{\Delta t}$ for the flow SDE, DDIM's $\sigma$ for
+diffusion) and $w_{i,k} = 1$ except in TempFlow-GRPO (noise-aware weights). Because $w > 0$, weighting
+the clipped term equals clipping with the advantage $w A$, which is how :func:`grpo_update` applies it.
+The KL is the exact KL between the two Gaussian steps (they share the std $s_k$), averaged over pixels
+like the log-densities (``reduction``). This module defines no method: each file in this folder that does
 imports these pieces.
 """
 

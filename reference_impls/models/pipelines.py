@@ -142,8 +142,8 @@ def _sd_policy(pipe: Any, name: str) -> GenerativePolicy:
     scheduler = _sd_scheduler(pipe.scheduler.config)
     conditioner = PipelineTextEncoder(pipe, [pipe.text_encoder])
 
-    def call_unet(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=cond.hidden_states).sample
+    def call_unet(module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return module(x, t, encoder_hidden_states=cond.hidden_states).sample
 
     return GenerativePolicy(
         name=name,
@@ -164,9 +164,10 @@ def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePol
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
     conditioner = PipelineTextEncoder(pipe, encoders, max_sequence_length=max_sequence_length)
 
-    def call_transformer(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden_states,
-                           pooled_projections=cond.pooled).sample
+    def call_transformer(module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # diffusers' SD3 pipeline feeds timestep = sigma * 1000, which is make_schedule's model timestep.
+        return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden_states,
+                      pooled_projections=cond.pooled).sample
 
     return GenerativePolicy(
         name=name,

@@ -55,28 +55,39 @@ _WORDS = (
 )
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges as the tokenizer does: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
 def tiny_clip_vocabulary(words: tuple[str, ...] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary and merges in CLIP's format (``</w>`` marks the end of a word).
 
     Every one of the 256 byte-level characters appears alone and word-final, so any text encodes
-    without unknown tokens; each word in ``words`` gets the chain of merges that spells it whole.
+    without unknown tokens; each word in ``words`` then becomes a single token.
     """
     vocab: dict[str, int] = {BOS_TOKEN: 0, EOS_TOKEN: 1}
     for char in sorted(ByteLevel.alphabet()):
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        # Merge left to right: "r"+"e" -> "re", "re"+"d</w>" -> "red</w>"; each result joins the vocab.
+        # BPE merges by rank, not left to right, so earlier words' merges (e.g. "l"+"e" from "left")
+        # apply inside later words ("circle"). Tokenise with the merges so far and append one merge
+        # joining the first two pieces until the word is whole: a new merge has the highest rank, so
+        # it never changes how the earlier words tokenise.
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in merges:
-                merges.append(pair)
-            merged = pieces[0] + pieces[1]
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged, *pieces[2:]]
-    return vocab, merges
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _bpe(pieces, ranks)
+    return vocab, list(ranks)
 
 
 def build_tiny_clip_tokenizer(model_max_length: int = MAX_TOKENS) -> CLIPTokenizer:

@@ -436,6 +436,7 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / WEIGHTS_FILE))
+    (out / WEIGHTS_FILE).chmod(0o644)
     (out / CONFIG_FILE).write_text(json.dumps({"network": asdict(network), "criteria": list(CRITERIA),
                                                "prompt_features": PROMPT_FEATURES}, indent=2), encoding="utf-8")
     provenance = {

@@ -1,0 +1,71 @@
+"""`rlvg pretrain|sample|eval|train`: outputs on the shipped models and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reference_impls.cli import main
+
+RLVG = [sys.executable, "-m", "reference_impls.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RLVG, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("model,sampler", [("shapes-diffusion", "ddim"), ("shapes-flow", "ode")])
+def test_sample_writes_a_grid_and_reports_the_evaluator(model, sampler, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", model, "--prompt", "two red circles", "--n", "4", "--sampler", sampler,
+                 "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.exists() and out.stat().st_size > 0
+    assert report["prompt"] == "two red circles" and 0.0 <= report["evaluator"]["accuracy"] <= 1.0
+
+
+def test_eval_reports_per_criterion_accuracy(capsys):
+    assert main(["eval", "--model", "shapes-diffusion", "--n", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "count", "colour", "shape"} <= set(report)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["sample", "--model", "no/such/model", "--prompt", "a red circle", "--out", "x.png"], "not a shipped name"),
+        (["sample", "--model", "shapes-diffusion", "--prompt", "a purple circle", "--out", "x.png"], "purple"),
+        (["sample", "--model", "shapes-diffusion", "--prompt", "a red circle", "--sampler", "sde", "--out", "x.png"],
+         "valid samplers: ddim, ddpm"),
+        (["eval", "--model", "shapes-flow", "--split", "validation"], "valid splits"),
+        (["train", "ddpo", "--reward", "aesthetics"], "Valid rewards"),
+        (["train", "ddpo", "--preset", "laptop"], "valid presets"),
+        (["train", "ddpo", "--model", "shapes-diffusion", "--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_what_is_allowed(args, expected, tmp_path):
+    result = run_cli(*[a if a != "x.png" else str(tmp_path / "x.png") for a in args])
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_method_exits_2_and_lists_methods():
+    result = run_cli("train", "ddpoo")
+    assert result.returncode == 2
+    assert "ddpo" in result.stderr and "invalid choice" in result.stderr
+
+
+def test_folder_that_is_not_a_model(tmp_path: Path):
+    result = run_cli("eval", "--model", str(tmp_path))
+    assert result.returncode == 2 and "is not a model folder" in result.stderr
+
+
+def test_train_help_documents_method_flags():
+    result = run_cli("train", "ddpo", "--help")
+    assert result.returncode == 0
+    assert "--clip-range" in result.stdout and "PPO clip epsilon" in result.stdout
