@@ -47,7 +47,9 @@ lint: install
 	$(VENV)/bin/ruff check reference_impls tests benchmarks
 
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.rollout_overhead
+	$(PY) -m benchmarks.update_overhead
+	$(PY) -m benchmarks.method_table
 
 clean:
 	rm -rf site build docs/methods docs/families docs/taxonomy.md docs/bibliography.md docs/notebooks docs/assets/generated docs/assets/mathjax

@@ -35,7 +35,8 @@ class Timing:
         return min(self.samples)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "median_s": self.median, "min_s": self.best, "samples_s": list(self.samples)}
+        return {"name": self.name, "median_s": self.median, "min_s": self.best,
+                "samples_s": list(self.samples)}
 
 
 def time_once(fn: Callable[[], object]) -> float:
@@ -44,7 +45,8 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, Timing]:
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7,
+                     warmup: int = 2) -> dict[str, Timing]:
     """Time each function ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
 
     Warm-up absorbs one-off costs (lazy initialisation, allocator growth, first-call dispatch caches).

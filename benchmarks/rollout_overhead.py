@@ -194,9 +194,13 @@ def _share(breakdown: dict[str, float], part: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rollout_overhead", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rollout_overhead",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier ratios)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    # One thread by default: the ratio is about per-call overhead, and on a shared, oversubscribed CPU
+    # two-thread runs of these tiny models stalled for seconds at a time (measured here: a 7 ms UNet
+    # call took 20 ms to 2 s with 2 threads, a steady 7 ms with 1).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; 0 = torch's)")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler tables for cases above the target")
     args = parser.parse_args(argv)
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         case = build()
         result = run_case(case, repeats, warmup)
         results.append(result)
-        print(f"  measured {case.name} ({case.sampler}): ours/bare = {result['ratios']['ours/bare']:.3f}", flush=True)
+        ratio = result["ratios"]["ours/bare"]
+        print(f"  measured {case.name} ({case.sampler}): ours/bare = {ratio:.3f}", flush=True)
         if not result["meets_target"]:
             over_target.append(case)
 
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
              r["ratios"]["ours/bare"], r["ratios"]["ours/bare (min)"], r["ratios"]["in-run total/denoiser"],
              r["timings"]["stock"]["median_s"] if "stock" in r["timings"] else "-",
              r["ratios"].get("ours/stock", "-"), "yes" if r["meets_target"] else "NO"] for r in results]
-    print(f"\nRollout overhead, batch {BATCH}, {STEPS} steps (median seconds; target ours/bare <= {TARGET_RATIO})")
+    print(f"\nRollout overhead, batch {BATCH}, {STEPS} steps "
+          f"(median seconds; target ours/bare <= {TARGET_RATIO})")
     print(format_table(["case", "sampler", "ours", "bare", "ours/bare", "(min)", "(in-run)", "stock",
                         "ours/stock", "target"], rows))
     parts = ["encode_text", "denoiser", "sampler", "decode"]

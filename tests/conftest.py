@@ -69,7 +69,9 @@ def _deterministic_torch():
     except ImportError:
         yield
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: tiny models gain nothing from more, and oversubscribed threads made calls 3-100x slower
+    # on shared 2-core machines (measured by benchmarks/rollout_overhead.py's author).
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from reference_impls.knowledge import notebooks, sitegen
+from reference_impls.knowledge import notebooks, results_page, sitegen
 
 
 def _copy_mathjax(docs_dir: Path) -> None:
@@ -35,6 +35,7 @@ def on_config(config):  # noqa: ANN001, ANN201 - MkDocs hook signature
     _copy_mathjax(docs_dir)
     sections = sitegen.generate(docs_dir)
     sections["Notebooks"] = notebooks.render_all(docs_dir)
+    sections["Methods"] = results_page.write(docs_dir) + sections.get("Methods", [])
     for title, entries in sections.items():
         _replace_section(config["nav"], title, entries)
     return config

@@ -27,8 +27,8 @@ from reference_impls.models.policy import Conditioning, GenerativePolicy
 
 SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
 UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
-    "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-    "invert_sigmas",
+    "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "invert_sigmas",
 )
 """FlowMatchEulerDiscreteScheduler options that change the sigmas in ways ``make_schedule`` ignores."""
 
@@ -164,7 +164,8 @@ def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePol
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
     conditioner = PipelineTextEncoder(pipe, encoders, max_sequence_length=max_sequence_length)
 
-    def call_transformer(module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def call_transformer(module: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                         cond: Conditioning) -> torch.Tensor:
         # diffusers' SD3 pipeline feeds timestep = sigma * 1000, which is make_schedule's model timestep.
         return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden_states,
                       pooled_projections=cond.pooled).sample
@@ -182,7 +183,8 @@ def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePol
     )
 
 
-def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length: int = 256) -> GenerativePolicy:
+def policy_from_pipeline(pipe: Any, name: str | None = None,
+                         max_sequence_length: int = 256) -> GenerativePolicy:
     """Wrap an in-memory ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` as a policy.
 
     The policy shares the pipeline's modules (training the policy trains ``pipe.unet`` /

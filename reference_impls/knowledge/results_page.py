@@ -1,0 +1,128 @@
+"""The site's "Measured results" page, generated from ``benchmarks/results/*.json``.
+
+Every number on it was written by a benchmark script of this repository; the page names the script, the
+command and the machine, and says plainly when a benchmark has not been run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from reference_impls.knowledge.paths import repo_root
+
+PAGE = "results.md"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = repo_root() / "benchmarks" / "results" / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _machine(data: dict[str, Any]) -> str:
+    machine = data.get("machine", {})
+    return (f"{machine.get('cpu_model', '?')}, {machine.get('logical_cores', '?')} logical cores, "
+            f"torch {machine.get('torch', '?')}, {machine.get('torch_threads', '?')} torch threads, "
+            f"load average at the time {machine.get('load_average_1_5_15min', '?')}")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _missing(script: str) -> str:
+    return f'!!! warning "Not measured yet"\n    Run `python -m benchmarks.{script}` to produce these figures.\n\n'
+
+
+def _methods_section() -> str:
+    data = _load("methods")
+    text = ["## Every method in its `cpu` preset\n",
+            "Held-out compositional accuracy (all criteria of the prompt hold, exact ShapeWorld evaluator, "
+            "deterministic sampler, fixed held-out prompts) before and after training with each method's `cpu` "
+            "preset. Measured by `python -m benchmarks.method_table`.\n"]
+    if not data or not data.get("rows"):
+        return "\n".join(text) + _missing("method_table")
+    text.append(f"Machine: {_machine(data)}.\n")
+    text.append("| method | reward | model | accuracy before | accuracy after | mean score before | mean score after "
+                "| samples / pairs | train wall time (s) | s / step |")
+    text.append("|---|---|---|---|---|---|---|---|---|---|")
+    for row in data["rows"].values():
+        text.append(
+            f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
+            f"| {_fmt(row['heldout_accuracy_before'])} | {_fmt(row['heldout_accuracy_after'])} "
+            f"| {_fmt(row.get('heldout_score_before'))} | {_fmt(row.get('heldout_score_after'))} "
+            f"| {_fmt(row.get('samples_seen'))} | {_fmt(row.get('train_wall_s'), 0)} | {_fmt(row.get('s_per_step'), 2)} |")
+    text.append("\nThese are small runs on a laptop-class CPU: differences of a few points on 256 prompts are within "
+                "noise, and a method that does not move the needle here may do well at the paper's scale.\n")
+    return "\n".join(text) + "\n"
+
+
+def _overhead_section(name: str, title: str, blurb: str, columns: list[tuple[str, str]]) -> str:
+    data = _load(name)
+    text = [f"## {title}\n", blurb + f" Measured by `python -m benchmarks.{name}`.\n"]
+    if not data:
+        return "\n".join(text) + _missing(name)
+    text.append(f"Machine: {_machine(data)}.\n")
+    rows = data.get("rows", [])
+    text.append("| " + " | ".join(label for _, label in columns) + " |")
+    text.append("|" + "---|" * len(columns))
+    for row in rows:
+        text.append("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
+    if "target_ratio" in data:
+        text.append(f"\nTarget ratio: {data['target_ratio']} or less.")
+    return "\n".join(text) + "\n\n"
+
+
+def _rollout_section() -> str:
+    data = _load("rollout_overhead")
+    text = ["## Rollout with log-probabilities vs bare denoiser calls\n",
+            "Our sampler records every state and the log-probability of every step; the ratio compares a rollout "
+            "with the same number of denoiser calls and nothing else, and (for the tiny Stable Diffusion pipeline) "
+            "with the stock `pipe(...)` call. Measured by `python -m benchmarks.rollout_overhead`.\n"]
+    if not data:
+        return "\n".join(text) + _missing("rollout_overhead")
+    settings = data.get("settings", {})
+    text.append(f"Machine: {_machine(data)}. Batch {settings.get('batch')}, {settings.get('steps')} steps, "
+                f"{settings.get('timing', '')}.\n")
+    text.append("| model | sampler | ours / bare calls | ours / bare (best runs) | ours / stock pipeline |")
+    text.append("|---|---|---|---|---|")
+    for case in data.get("cases", []):
+        ratios = case.get("ratios", {})
+        text.append(f"| {case['case']} | {case['sampler']} | {_fmt(ratios.get('ours/bare'))} "
+                    f"| {_fmt(ratios.get('ours/bare (min)'))} | {_fmt(ratios.get('ours/stock'))} |")
+    text.append(f"\nTarget ratio: {data.get('target_ratio')} or less.")
+    return "\n".join(text) + "\n\n"
+
+
+def results_page() -> str:
+    parts = [
+        "<!-- Generated by reference_impls/knowledge/results_page.py from benchmarks/results/*.json. -->\n",
+        "# Measured results\n",
+        "Numbers measured by this repository's benchmark scripts, on the machine named under each table. "
+        "Timings are ratios measured in one run (interleaved, medians), so they transfer across machines better "
+        "than seconds do.\n",
+        _methods_section(),
+        _rollout_section(),
+        _overhead_section("update_overhead", "Update step vs bare forward+backward",
+                          "One PPO-style minibatch update (recompute log-probs of stored transitions, clipped "
+                          "loss, backward, optimiser step) against a bare forward+backward+step of the same model on "
+                          "the same batch and timesteps.",
+                          [("kind", "model"), ("batch", "batch"), ("bare_s", "bare (s)"), ("update_s", "update (s)"),
+                           ("ratio", "ratio")]),
+    ]
+    return "\n".join(parts)
+
+
+def write(docs_dir: Path) -> list[dict[str, str]]:
+    target = docs_dir / PAGE
+    content = results_page()
+    if not target.exists() or target.read_text(encoding="utf-8") != content:
+        target.write_text(content, encoding="utf-8")
+    return [{"Measured results": PAGE}]
