@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import run_smoke, strip_timing, tiny_policy, training_rewards
 from torch import nn
 
-from helpers import run_smoke, strip_timing, tiny_policy, training_rewards
 from reference_impls.algorithms.alignprop import draw_truncation
 from reference_impls.algorithms.draft_lv import low_variance_images, lv_loss, renoise_last_step
 from reference_impls.algorithms.refl import denoising_loss, refl_loss
@@ -37,7 +37,8 @@ def linear_policy() -> GenerativePolicy:
         step = T - torch.round((t.float() + 1) / STRIDE).long()  # trailing spacing: t_i = (T - i) * stride - 1
         return module.w[step].view(-1, 1, 1, 1) * x
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                              clip_sample=False)
     return GenerativePolicy(name="toy-linear", denoiser=PerStepScale(), prediction="epsilon", scheduler=scheduler,
                             encode_text=lambda p: Conditioning(torch.zeros(len(p), 1, 1)),
                             call_denoiser=call, latent_shape=(3, 1, 1), decode=lambda x: x)
@@ -62,12 +63,12 @@ def reward_sum(images: torch.Tensor) -> torch.Tensor:
 # -- the differentiable chain -------------------------------------------------------------------------
 def test_sample_with_grad_reproduces_rollout_values():
     policy = tiny_policy()
-    sampler = SamplerConfig("ddim", num_steps=5, eta=1.0)
+    sampler = SamplerConfig("ddim", num_steps=3, eta=1.0)
     expected = rollout(policy, ["a red circle", "two blue squares"], sampler, torch.Generator().manual_seed(3))
     sample = sample_with_grad(policy, ["a red circle", "two blue squares"], sampler,
                               torch.Generator().manual_seed(3), grad_from_step=2, checkpointing=True)
     assert torch.allclose(sample.final, expected.states[:, -1], atol=1e-5)
-    assert sample.final.requires_grad and sample.grad_steps.tolist() == [3, 3]
+    assert sample.final.requires_grad and sample.grad_steps.tolist() == [1, 1]
 
 
 def test_full_chain_gradient_matches_the_product_rule():
@@ -231,12 +232,14 @@ def test_learned_reward_provenance_reports_heldout_quality():
 
 # -- smoke runs on the shipped model ------------------------------------------------------------------
 @pytest.mark.parametrize("method, reward", [("refl", "prompt-colour"), ("draft-k", "prompt-colour"),
-                                            ("draft-lv", "prompt-colour"), ("alignprop", "shapes-learned")])
+                                            ("draft-lv", "prompt-colour"), ("alignprop", "prompt-colour")])
 def test_smoke_run_raises_the_differentiable_reward(tmp_path, method, reward):
     records = run_smoke(method, reward, tmp_path / "run")
-    rewards = training_rewards(records)
-    assert len(rewards) >= 4
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+    assert len(training_rewards(records)) == records[-1]["step"]
+    # The held-out evaluation reuses the same prompts and noise before and after training, so its
+    # reward is the noise-free measure of progress (batch rewards vary with the prompts drawn).
+    before, after = records[0]["eval_reward_mean"], records[-1]["eval_reward_mean"]
+    assert after > before + 0.05, (before, after)
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
 

@@ -3,7 +3,9 @@
 Objective (per batch of train-split prompts c and renders x0 in [-1, 1]):
 
 * diffusion: t ~ U{0..999}, eps ~ N(0, I), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
-  L = ||eps_theta(x_t, t, c) - eps||^2   (Ho et al., 2020)
+  L = ||v_theta(x_t, t, c) - v||^2 with v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (v-prediction; Salimans &
+  Ho, 2022). The policy converts v to the noise estimate eps = sqrt(a_t) v + sqrt(1 - a_t) x_t, so the
+  DDPM/DDIM samplers and every method see an epsilon-prediction model (Ho et al., 2020).
 * flow:      s ~ U(0, 1), x_s = (1 - s) x0 + s eps,  L = ||v_theta(x_s, s, c) - (eps - x0)||^2
   (rectified flow / flow matching; Liu et al., 2023; Lipman et al., 2023)
 
@@ -65,7 +67,8 @@ def _loss(policy: GenerativePolicy, x0: torch.Tensor, prompts: list[str], genera
         t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
         a = policy.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return torch.mean((policy.predict(x_t, t, cond) - noise) ** 2)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        return torch.mean((policy.call_denoiser.raw(policy.denoiser, x_t, t, cond) - target) ** 2)
     s = torch.rand(x0.shape[0], generator=generator)
     s4 = s.view(-1, 1, 1, 1)
     x_s = (1 - s4) * x0 + s4 * noise

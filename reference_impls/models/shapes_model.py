@@ -63,8 +63,21 @@ def _make_policy(
     scheduler: object,
     config: TinyModelConfig,
 ) -> GenerativePolicy:
-    def call_unet(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def raw_output(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return module(x, t, encoder_hidden_states=cond.hidden_states).sample
+
+    v_prediction = getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction"
+
+    def call_unet(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        output = raw_output(module, x, t, cond)
+        if kind == "diffusion" and v_prediction:
+            # eps = sqrt(a_t) v + sqrt(1 - a_t) x_t: samplers work in the epsilon parametrisation
+            index = (t.round() if t.is_floating_point() else t).long().expand(x.shape[0])
+            a = scheduler.alphas_cumprod.to(x.device, x.dtype)[index].view(-1, 1, 1, 1)
+            return a.sqrt() * output + (1 - a).sqrt() * x
+        return output
+
+    call_unet.raw = raw_output  # type: ignore[attr-defined]  # the network's own output (pretraining)
 
     return GenerativePolicy(
         name=name,

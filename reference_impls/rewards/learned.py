@@ -331,7 +331,7 @@ class RewardTrainConfig:
     """Renders (correct, corrupted, other prompts) of train-split prompts."""
     model_samples: int = 3072
     """Samples of the shipped base models on train-split prompts (skipped if no model is present)."""
-    steps: int = 3000
+    steps: int = 4000
     """AdamW steps."""
     batch_size: int = 128
     """Examples per step."""
