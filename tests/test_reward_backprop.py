@@ -234,7 +234,7 @@ def test_learned_reward_provenance_reports_heldout_quality():
 @pytest.mark.parametrize("method, reward", [("refl", "prompt-colour"), ("draft-k", "prompt-colour"),
                                             ("draft-lv", "prompt-colour"), ("alignprop", "prompt-colour")])
 def test_smoke_run_raises_the_differentiable_reward(tmp_path, method, reward):
-    records = run_smoke(method, reward, tmp_path / "run")
+    records = run_smoke(method, reward, tmp_path / "run", steps=4, eval_prompts=8)
     assert len(training_rewards(records)) == records[-1]["step"]
     # The held-out evaluation reuses the same prompts and noise before and after training, so its
     # reward is the noise-free measure of progress (batch rewards vary with the prompts drawn).

@@ -25,15 +25,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reference_impls.models.policy import GenerativePolicy
 from reference_impls.rewards.preferences import SyntheticLabeller
-from reference_impls.sampling import transition_log_prob
+from reference_impls.sampling import SamplerConfig, Schedule, apply_step, make_schedule, transition_log_prob
 from reference_impls.sampling.rollout import initial_noise
 from reference_impls.training.config import TrainConfig
 from reference_impls.training.method import Method, StepContext
-from reference_impls.training.online import collect, minibatch_indices, training_steps
+from reference_impls.training.online import collect, minibatch_indices, sampler_from_config
 
 
 @dataclass
@@ -64,6 +66,8 @@ class D3POConfig(TrainConfig):
     """Bradley-Terry temperature T of the labeller: P(a > b) = sigmoid((s_a - s_b) / T)."""
     tie_margin: float = 0.0
     """Pairs whose exact scores differ by at most this are ties and are skipped."""
+    min_step_std: float = 0.05
+    """Train only on steps whose noise std is at least this (skips the near-deterministic last DDIM step)."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -110,6 +114,33 @@ def step_dpo_loss(log_prob_w: torch.Tensor, ref_log_prob_w: torch.Tensor, log_pr
 # --8<-- [end:loss]
 
 
+def step_stds(policy: GenerativePolicy, sampler: SamplerConfig, schedule: Schedule) -> torch.Tensor:
+    """(T,) noise std of every sampler step (0 for deterministic steps)."""
+    x = torch.zeros((1, *policy.latent_shape), device=policy.device)
+    stds = []
+    for i in range(schedule.num_steps):
+        index = torch.tensor([i])
+        stds.append(float(apply_step(policy, sampler, schedule, index, x, x, next_state=x).std.max()))
+    return torch.tensor(stds)
+
+
+def eligible_steps(policy: GenerativePolicy, sampler: SamplerConfig, schedule: Schedule, min_std: float) -> list[int]:
+    """Stochastic steps whose noise std is at least ``min_std``.
+
+    On our cosine schedule the last DDIM step has std 0.006 (it targets alpha_bar_0 = 0.99997): its
+    log-probability gradient, proportional to 1/std, would outweigh every other step's a hundredfold
+    while the step changes nothing visible.
+    """
+    stds = step_stds(policy, sampler, schedule)
+    return [i for i in range(schedule.num_steps) if bool(schedule.stochastic[i]) and stds[i] >= min_std]
+
+
+def pair_steps(steps: list[int], fraction: float, n: int, rng) -> torch.Tensor:  # noqa: ANN001
+    """(n, K) step indices per pair: a random subset of ``steps`` of size round(fraction * len)."""
+    keep = max(1, int(round(fraction * len(steps))))
+    return torch.as_tensor(np.stack([rng.permutation(steps)[:keep] for _ in range(n)]), dtype=torch.long)
+
+
 class D3PO(Method):
     """D3PO: pairs from a shared initial noise, labelled by the synthetic rater, DPO on every step."""
 
@@ -124,6 +155,10 @@ class D3PO(Method):
         self.reference = self.frozen_copy()
         self.labeller = SyntheticLabeller(self.config.reward, self.config.labeller_temperature, self.config.tie_margin,
                                           seed=self.config.seed)
+        sampler = sampler_from_config(self)
+        self.steps = eligible_steps(self.policy, sampler, make_schedule(self.policy, sampler), self.config.min_step_std)
+        if not self.steps:
+            raise ValueError(f"no sampler step has a noise std >= --min-step-std {self.config.min_step_std}")
 
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
@@ -141,7 +176,7 @@ class D3PO(Method):
         # 3. DPO on the same steps of the preferred and dispreferred trajectories.
         losses, stats = [], []
         for _ in range(config.inner_epochs if len(pairs) else 0):
-            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)[: len(pairs)]
+            steps = pair_steps(self.steps, config.timestep_fraction, len(pairs), ctx.rng)
             for rows in minibatch_indices(len(pairs), config.minibatch_size, ctx.rng):
                 rows = torch.as_tensor(rows)
                 m = len(rows)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from reference_impls.algorithms.d3po import step_dpo_loss
+from reference_impls.algorithms.d3po import eligible_steps, step_dpo_loss
 from reference_impls.models.policy import GenerativePolicy
 from reference_impls.rewards.preferences import SyntheticLabeller
 from reference_impls.sampling import SamplerConfig, apply_step, guided_prediction, make_schedule
@@ -71,6 +71,8 @@ class SPOConfig(TrainConfig):
     """Gumbel temperature T of the choice among candidates (0 = always the exact best and worst)."""
     tie_margin: float = 0.0
     """A step whose chosen and rejected candidates' exact scores differ by at most this gives no pair."""
+    min_step_std: float = 0.05
+    """Branch only at steps whose noise std is at least this (skips the near-deterministic last DDIM step)."""
 
     def validate(self) -> None:
         super().validate()
@@ -143,6 +145,11 @@ class SPO(Method):
         self.reference = self.frozen_copy()
         self.labeller = SyntheticLabeller(self.config.reward, self.config.labeller_temperature, self.config.tie_margin,
                                           seed=self.config.seed)
+        sampler = sampler_from_config(self)
+        steps = eligible_steps(self.policy, sampler, make_schedule(self.policy, sampler), self.config.min_step_std)
+        self.branch_steps = [i for i in steps if i >= self.config.divert_start_step]
+        if not self.branch_steps:
+            raise ValueError("no step to branch at: lower --divert-start-step or --min-step-std")
 
     # --8<-- [start:collect]
     @torch.no_grad()
@@ -159,7 +166,7 @@ class SPO(Method):
         records, all_scores = [], []
         for i in range(schedule.num_steps):
             index = torch.full((n,), i, dtype=torch.long)
-            if i < self.config.divert_start_step or not bool(schedule.stochastic[i]):
+            if i not in self.branch_steps:  # one chain: before divert_start_step, or a near-deterministic step
                 x = apply_step(policy, sampler, schedule, index, x, out, generator=ctx.generator).next_state
                 if i + 1 < schedule.num_steps:
                     out = guided_prediction(policy, x, t[i + 1], cond, uncond, sampler.guidance_scale)

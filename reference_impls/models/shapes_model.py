@@ -55,6 +55,22 @@ class TextConditioner(torch.nn.Module):
         return Conditioning(output.last_hidden_state)
 
 
+def _vp_epsilon_from_flow(raw_output, module, x, t, cond, alphas_cumprod):  # noqa: ANN001, ANN202
+    """Noise estimate of a VP diffusion state from a rectified-flow velocity network, exactly.
+
+    A VP state x_t = a x0 + b eps (a = sqrt(abar_t), b = sqrt(1 - abar_t)) divided by (a + b) is the flow
+    state x_s = (1 - s) x0 + s eps with s = b / (a + b), and the same eps. Since eps = x_s + (1 - s) v for
+    v = eps - x0, the network's velocity at (x_s, s) gives eps_hat = x_s + (1 - s) v_hat.
+    """
+    index = (t.round() if t.is_floating_point() else t).long().expand(x.shape[0])
+    abar = alphas_cumprod.to(x.device, x.dtype)[index].view(-1, 1, 1, 1)
+    a, b = abar.sqrt(), (1 - abar).sqrt()
+    s = b / (a + b)
+    x_s = x / (a + b)
+    velocity = raw_output(module, x_s, s.flatten() * 1000, cond)
+    return x_s + (1 - s) * velocity
+
+
 def _make_policy(
     name: str,
     kind: str,
@@ -62,6 +78,7 @@ def _make_policy(
     conditioner: TextConditioner,
     scheduler: object,
     config: TinyModelConfig,
+    network: str = "native",
 ) -> GenerativePolicy:
     def raw_output(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return module(x, t, encoder_hidden_states=cond.hidden_states).sample
@@ -69,6 +86,8 @@ def _make_policy(
     v_prediction = getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction"
 
     def call_unet(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if kind == "diffusion" and network == "flow-velocity":
+            return _vp_epsilon_from_flow(raw_output, module, x, t, cond, scheduler.alphas_cumprod)
         output = raw_output(module, x, t, cond)
         if kind == "diffusion" and v_prediction:
             # eps = sqrt(a_t) v + sqrt(1 - a_t) x_t: samplers work in the epsilon parametrisation
@@ -130,8 +149,37 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler
     scheduler = scheduler_cls.from_pretrained(directory / "scheduler")
     policy = _make_policy(name or str(directory), kind, unet, TextConditioner(tokenizer, text_encoder),
-                          scheduler, config)
+                          scheduler, config, network=meta.get("network", "native"))
     policy.text_encoder.requires_grad_(False)
     policy.text_encoder.eval()
     unet.eval()
     return policy
+
+
+def derive_vp_diffusion_from_flow(flow_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write a ``diffusion`` checkpoint whose epsilon model is ``flow_dir``'s network, reparametrised.
+
+    The weights are copied; the new folder has a cosine DDPM schedule (epsilon parametrisation, x0
+    clipping) and ``network: flow-velocity`` so :func:`load_shapes_policy` applies the exact conversion
+    of :func:`_vp_epsilon_from_flow`. Fine-tuning the result changes only its own copy.
+    """
+    import shutil
+
+    from reference_impls.models.components import build_scheduler
+
+    flow_dir, out_dir = Path(flow_dir), Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(flow_dir, partial, ignore=shutil.ignore_patterns("scheduler", "provenance.json"))
+    scheduler = build_scheduler("diffusion")
+    scheduler.register_to_config(prediction_type="epsilon")
+    scheduler.save_pretrained(partial / "scheduler")
+    meta = json.loads((partial / MODEL_FILE).read_text(encoding="utf-8"))
+    meta.update({"kind": "diffusion", "prediction": "epsilon", "network": "flow-velocity",
+                 "derived_from": str(flow_dir)})
+    (partial / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return meta

@@ -40,6 +40,18 @@ from reference_impls.training.config import TrainConfig
 
 
 @dataclass
+class RewardBackpropConfig(TrainConfig):
+    """Settings the reward-backpropagation methods share (ReFL, DRaFT, AlignProp)."""
+
+    reward: str = "shapes-learned"
+    """Reward name; must be differentiable (prompt-colour, shapes-learned)."""
+    sampler: str = ""
+    """Training sampler: ddim or ddpm (diffusion), ode or sde (flow); empty picks ddim or ode."""
+    eta: float = 0.0
+    """DDIM stochasticity of training rollouts; the injected noise is reparameterised, so any eta works."""
+
+
+@dataclass
 class GradSample:
     """The end of a (possibly truncated, possibly early-stopped) differentiable sampling run."""
 
@@ -125,14 +137,3 @@ def sample_with_grad(
     return GradSample(x, output.predicted_x0, grad_from, last, schedule, sampler, cond, uncond)
 # --8<-- [end:sample_with_grad]
 
-
-@dataclass
-class RewardBackpropConfig(TrainConfig):
-    """Settings the reward-backpropagation methods share (ReFL, DRaFT, AlignProp)."""
-
-    reward: str = "shapes-learned"
-    """Reward name; must be differentiable (prompt-colour, shapes-learned)."""
-    sampler: str = ""
-    """Training sampler: ddim or ddpm (diffusion), ode or sde (flow); empty picks ddim or ode."""
-    eta: float = 0.0
-    """DDIM stochasticity of training rollouts; the injected noise is reparameterised, so any eta works."""
