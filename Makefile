@@ -41,7 +41,7 @@ browser:
 	fi
 
 test: install browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: install
 	$(VENV)/bin/ruff check reference_impls tests benchmarks

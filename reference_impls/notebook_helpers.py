@@ -14,13 +14,24 @@ from reference_impls.rewards import get_reward
 from reference_impls.training import build_config, train
 
 
+SMOKE_NOTEBOOK_STEPS = 3
+
+
 def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", seed: int = 0,
                model: str | None = None, out_root: str = "runs/notebooks", **overrides: Any
                ) -> tuple[list[dict[str, Any]], Path]:
-    """Train ``method`` with the smoke or cpu preset into a fresh run directory; returns (metrics, dir)."""
+    """Train ``method`` with the smoke or cpu preset into a fresh run directory; returns (metrics, dir).
+
+    In smoke mode the run is cut to ``SMOKE_NOTEBOOK_STEPS`` steps: the site shows the pipeline working
+    end to end in seconds; the tests assert that each smoke preset raises its reward.
+    """
     cls = get_method(method)
     preset = "smoke" if smoke else "cpu"
-    settings: dict[str, Any] = {"preset": preset, "reward": reward, "seed": seed, "device": device, **overrides}
+    settings: dict[str, Any] = {"preset": preset, "reward": reward, "seed": seed, "device": device}
+    if smoke:
+        settings["steps"] = min(SMOKE_NOTEBOOK_STEPS, cls.presets.get("smoke", {}).get("steps", SMOKE_NOTEBOOK_STEPS))
+        settings["eval_prompts"] = 8
+    settings.update(overrides)
     if model is not None:
         settings["model"] = model
     config = build_config(cls.config_class, cls.presets, settings)

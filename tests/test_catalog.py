@@ -221,3 +221,15 @@ def test_duplicate_record_and_yaml_syntax(mini_repo: Path) -> None:
         and "not valid YAML" in problems[0]
         and str(mini_repo / "bib" / "catalog.yaml") in problems[0]
     )
+
+
+def test_every_implemented_method_is_catalogued_with_its_code_and_notebook():
+    from reference_impls.algorithms import METHODS
+    from reference_impls.knowledge.catalog import load_catalog
+
+    catalog = load_catalog()
+    entries = catalog.entries if isinstance(catalog.entries, dict) else {e.key: e for e in catalog.entries}
+    for name, cls in METHODS.items():
+        entry = entries[cls.bib_key]
+        assert entry.implementation, f"{name}: catalog row {cls.bib_key} has no implementation"
+        assert entry.notebook, f"{name}: catalog row {cls.bib_key} has no notebook"

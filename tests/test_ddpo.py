@@ -57,18 +57,47 @@ def test_ddpo_smoke_raises_reward_and_ratio_is_one_at_first_inner_step(tmp_path)
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
 
+CHEAP = dict(batch_size=4, minibatch_size=2, num_steps=4, inner_epochs=2, eval_prompts=4)
+
+
 def test_ddpo_is_deterministic_and_resumes_exactly(tmp_path):
-    straight = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "a", steps=4, checkpoint_every=2)
-    again = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "b", steps=4, checkpoint_every=2)
+    straight = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "a", steps=4, checkpoint_every=2, **CHEAP)
+    again = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "b", steps=4, checkpoint_every=2, **CHEAP)
     assert strip_timing(straight) == strip_timing(again)
     # A run stopped after 2 steps and resumed to 4 logs the same metrics as the straight run.
-    run_smoke("ddpo", "jpeg-compressibility", tmp_path / "c", steps=2, checkpoint_every=2)
+    run_smoke("ddpo", "jpeg-compressibility", tmp_path / "c", steps=2, checkpoint_every=2, **CHEAP)
     from helpers import get_method, get_reward, load_policy  # noqa: F401 - same objects the CLI uses
     from reference_impls.training import build_config, train
 
     cls = get_method("ddpo")
     config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "reward": "jpeg-compressibility",
-                                                           "steps": 4, "checkpoint_every": 2})
+                                                           "steps": 4, "checkpoint_every": 2, **CHEAP})
     resumed = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config),
                     tmp_path / "c", resume=True, progress=False)
     assert strip_timing(resumed) == strip_timing(straight)
+
+
+def test_ddpo_sf_smoke_raises_reward(tmp_path):
+    rewards = training_rewards(run_smoke("ddpo-sf", "jpeg-compressibility", tmp_path / "run"))
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+
+
+def test_dpok_loss_is_weighted_surrogate_plus_gaussian_kl():
+    from reference_impls.algorithms.dpok import DPOKConfig, dpok_loss
+
+    config = DPOKConfig(reward_weight=2.0, kl_coef=0.5, clip_range=0.1)
+    zeros = torch.zeros(2)
+    mean = torch.zeros(2, 1, 1, 2)
+    reference = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 2.0]]]])
+    loss, stats, kl = dpok_loss(zeros, zeros, torch.tensor([1.0, -1.0]), mean, reference, torch.tensor(0.5), config)
+    # surrogate: ratios 1 -> mean(-A) = 0 ; KL per sample (mean over 2 dims): (1+1)/2/(2*0.25)=2 and (0+4)/2/0.5=4
+    assert kl.item() == pytest.approx(3.0)
+    assert loss.item() == pytest.approx(2.0 * 0.0 + 0.5 * 3.0)
+    assert stats.ratio_mean == 1.0
+
+
+def test_dpok_smoke_raises_reward(tmp_path):
+    records = run_smoke("dpok", "jpeg-compressibility", tmp_path / "run")
+    rewards = training_rewards(records)
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+    assert all(r["kl_to_pretrained"] >= 0 for r in records if "kl_to_pretrained" in r)

@@ -40,7 +40,13 @@ def test_notebook_runs_in_smoke_mode(path: Path):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, f"{path.name} produced no plot: a notebook must show something computed"
-    # Reported, not asserted on timing alone: the budget is a CI-time contract, printed for the log.
+    # The site page made from the executed copy carries its plots as image files.
+    docs = executed.parent / f"{path.stem}-page"
+    title, page = pipeline.render_page(path, docs / "notebooks", executed_dir=executed.parent)
+    assert title and (docs / page).exists()
+    assert list((docs / "notebooks" / f"{path.stem}_files").glob("*.png")), "the rendered page has no plots"
+    assert "Executed at site build time" in (docs / page).read_text(encoding="utf-8")
+    # Reported, not asserted: timing is a CI-time contract, printed for the log.
     print(f"{path.name}: {elapsed:.1f} s (budget {SMOKE_BUDGET_S} s)")
 
 

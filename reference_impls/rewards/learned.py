@@ -313,6 +313,18 @@ def _cached_policy(name: str):  # noqa: ANN202
     return policy
 
 
+def _weights_digest(name: str) -> str:
+    """SHA-256 (first 16 hex digits) of a shipped model's UNet weights: which model made the samples."""
+    import hashlib
+
+    from reference_impls.models.loading import CHECKPOINTS_DIR
+
+    digest = hashlib.sha256()
+    for path in sorted((CHECKPOINTS_DIR / name / "unet").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def labelled(images: np.ndarray, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(criteria targets (N, 5), criteria mask (N, 5), exact scores (N,)) from the exact evaluator."""
     evaluations = evaluate_batch(images, prompts)
@@ -446,6 +458,7 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
         "parameters": sum(p.numel() for p in net.parameters()),
         "train_examples": {s: sources.count(s) for s in sorted(set(sources))},
         "heldout_examples": {s: hsources.count(s) for s in sorted(set(hsources))},
+        "sampled_models_unet_sha256": {s: _weights_digest(s) for s in sorted(set(sources) - {"synthetic"})},
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "quality": report,
         "data_seconds": round(data_s, 1),
