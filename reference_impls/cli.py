@@ -55,4 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main: under ``python -m`` this file is ``__main__``, and subcommands raise
+    # ``reference_impls.cli.UsageError``, a different class from ``__main__.UsageError``.
+    from reference_impls.cli import main as package_main
+
+    sys.exit(package_main())
