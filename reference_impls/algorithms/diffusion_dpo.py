@@ -76,8 +76,10 @@ class DiffusionDPOConfig(TrainConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=10, batch_size=8, num_pairs=48, bank_steps=10, num_steps=10, learning_rate=1e-4,
-                  eval_every=0, eval_prompts=16, checkpoint_every=5, prompts="easy"),
+    # JPEG compressibility (as DDPO's smoke run): a global image property a few offline updates can move.
+    "smoke": dict(steps=8, batch_size=8, num_pairs=32, bank_steps=10, num_steps=6, learning_rate=3e-5,
+                  reward="jpeg-compressibility", labeller_temperature=0.02, eval_every=0, eval_prompts=8,
+                  checkpoint_every=4, prompts="easy"),
     "cpu": dict(steps=60, batch_size=16, num_pairs=512, bank_steps=20, num_steps=10, learning_rate=5e-5,
                 eval_every=20, eval_prompts=128, checkpoint_every=20),
     "gpu": dict(steps=500, batch_size=64, num_pairs=4096, bank_steps=50, bank_guidance_scale=5.0,

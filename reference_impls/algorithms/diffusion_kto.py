@@ -27,7 +27,7 @@ probability ``desirable_fraction`` (the official weighted sampler's ``positive_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,6 +54,8 @@ class DiffusionKTOConfig(DiffusionDPOConfig):
     """beta of the official code: h = sigmoid(beta * sign * (g - z0)) with g on per-pixel mean errors."""
     like_threshold: float = 0.9
     """tau of the labels: an image is liked with probability sigmoid((score - tau) / labeller temperature)."""
+    like_quantile: float = 0.0
+    """If > 0, tau is this quantile of the bank's scores instead of --like-threshold (for any reward's scale)."""
     lambda_desirable: float = 1.0
     """lambda_D: weight of desirable images in the loss."""
     lambda_undesirable: float = 1.0
@@ -67,13 +69,17 @@ class DiffusionKTOConfig(DiffusionDPOConfig):
         super().validate()
         if self.reference_point not in ("batch", "mismatched", "zero"):
             raise ValueError(f"--reference-point must be batch, mismatched or zero, got {self.reference_point!r}")
+        if not 0 <= self.like_quantile < 1:
+            raise ValueError(f"--like-quantile must be in [0, 1), got {self.like_quantile}")
         if not 0 < self.desirable_fraction < 1:
             raise ValueError(f"--desirable-fraction must be in (0, 1), got {self.desirable_fraction}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=10, batch_size=16, num_pairs=48, bank_steps=10, num_steps=10, learning_rate=1e-4,
-                  eval_every=0, eval_prompts=16, checkpoint_every=5, prompts="easy"),
+    # JPEG compressibility (as DDPO's smoke run), the best 30% of the bank's images liked (before noise).
+    "smoke": dict(steps=8, batch_size=16, num_pairs=32, bank_steps=10, num_steps=6, learning_rate=3e-5,
+                  reward="jpeg-compressibility", labeller_temperature=0.02, like_quantile=0.7, eval_every=0,
+                  eval_prompts=8, checkpoint_every=4, prompts="easy"),
     "cpu": dict(steps=60, batch_size=32, num_pairs=512, bank_steps=20, num_steps=10, learning_rate=5e-5,
                 eval_every=20, eval_prompts=128, checkpoint_every=20),
     "gpu": dict(steps=500, batch_size=64, num_pairs=4096, bank_steps=50, bank_guidance_scale=5.0,
@@ -140,6 +146,9 @@ class DiffusionKTO(Method):
         self.labeller = SyntheticLabeller(config.reward, config.labeller_temperature, config.tie_margin,
                                           like_threshold=config.like_threshold, seed=config.bank_seed)
         self.bank = make_bank(self, config, self.labeller)
+        if config.like_quantile > 0:
+            tau = float(torch.quantile(self.bank.scores.flatten().double(), config.like_quantile))
+            self.labeller = replace(self.labeller, like_threshold=tau)
         self.data = self.bank.likes(self.labeller)
         desirable = self.data.desirable.numpy()
         n_pos, n_neg = int(desirable.sum()), int((~desirable).sum())

@@ -46,8 +46,8 @@ class DRaFTKConfig(RewardBackpropConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(reward="prompt-colour", steps=8, batch_size=8, num_steps=8, k=1, learning_rate=3e-4,
-                  eval_every=0, eval_prompts=16, checkpoint_every=4, prompts="easy"),
+    "smoke": dict(reward="prompt-colour", steps=6, batch_size=8, num_steps=8, k=1, learning_rate=3e-4,
+                  eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="easy"),
     "cpu": dict(steps=60, batch_size=16, num_steps=10, k=2, learning_rate=1e-4, eval_every=20, eval_prompts=128,
                 checkpoint_every=20),
     "gpu": dict(steps=2000, batch_size=16, num_steps=50, k=1, learning_rate=2e-4, eval_every=100, eval_prompts=256,

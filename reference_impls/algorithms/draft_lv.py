@@ -53,8 +53,8 @@ class DRaFTLVConfig(RewardBackpropConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(reward="prompt-colour", steps=8, batch_size=8, num_steps=8, lv_samples=2, learning_rate=3e-4,
-                  eval_every=0, eval_prompts=16, checkpoint_every=4, prompts="easy"),
+    "smoke": dict(reward="prompt-colour", steps=6, batch_size=8, num_steps=8, lv_samples=2, learning_rate=3e-4,
+                  eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="easy"),
     "cpu": dict(steps=60, batch_size=16, num_steps=10, lv_samples=2, learning_rate=1e-4, eval_every=20,
                 eval_prompts=128, checkpoint_every=20),
     "gpu": dict(steps=2000, batch_size=16, num_steps=50, lv_samples=2, learning_rate=2e-4, eval_every=100,

@@ -60,8 +60,8 @@ class ReFLConfig(RewardBackpropConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(reward="prompt-colour", steps=8, batch_size=8, num_steps=8, t_min=1, t_max=2,
-                  learning_rate=3e-4, eval_every=0, eval_prompts=16, checkpoint_every=4, prompts="easy"),
+    "smoke": dict(reward="prompt-colour", steps=6, batch_size=8, num_steps=8, t_min=1, t_max=2,
+                  learning_rate=3e-4, eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="easy"),
     "cpu": dict(steps=60, batch_size=16, num_steps=10, t_min=1, t_max=3, learning_rate=1e-4, eval_every=20,
                 eval_prompts=128, checkpoint_every=20),
     "gpu": dict(steps=400, batch_size=16, num_steps=40, t_min=1, t_max=10, learning_rate=1e-5, eval_every=50,
