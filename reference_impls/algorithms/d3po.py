@@ -73,8 +73,8 @@ class D3POConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=6, batch_size=6, num_steps=8, minibatch_size=6, timestep_fraction=0.5, learning_rate=1e-4,
                   eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="a red circle"),
-    "cpu": dict(steps=40, batch_size=16, num_steps=10, minibatch_size=8, timestep_fraction=0.5,
-                learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    "cpu": dict(steps=24, batch_size=12, num_steps=10, minibatch_size=6, timestep_fraction=0.5,
+                learning_rate=3e-5, eval_every=12, eval_prompts=64, checkpoint_every=12),
     "gpu": dict(steps=200, batch_size=32, num_steps=20, minibatch_size=4, learning_rate=3e-5, eval_every=20,
                 eval_prompts=256, checkpoint_every=20, guidance_scale=5.0),
 }

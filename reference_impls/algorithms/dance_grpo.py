@@ -16,7 +16,8 @@ $$
 with two practical changes: the $G$ members of a group start from **the same initial noise** $x_T$
 (so they differ only by the sampler's noise and the group compares the policy's choices, not starting
 points), and each sample trains on a **random subset** $K_i$ of its steps, a fraction
-``timestep_fraction`` of them (0.6 in the paper), which cuts the update cost with little loss.
+``timestep_fraction`` of them (0.6 in the public scripts, never the last, least noisy step), which cuts
+the update cost with little loss.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import numpy as np
+import torch
 
 from reference_impls.algorithms.grpo_common import (
     GRPOConfig,
@@ -33,14 +37,17 @@ from reference_impls.algorithms.grpo_common import (
     grpo_update,
     shared_initial_noise,
 )
+from reference_impls.sampling import Trajectory
 from reference_impls.training.method import Method, StepContext
-from reference_impls.training.online import collect, reward_metrics, sampler_from_config, training_steps
+from reference_impls.training.online import collect, reward_metrics, sampler_from_config
 
 
 @dataclass
 class DanceGRPOConfig(GRPOConfig):
     """DanceGRPO's settings on top of the shared GRPO ones."""
 
+    model: str = "shapes-flow"
+    """Shipped model name (shapes-flow, shapes-diffusion) or a local checkpoint/pipeline folder."""
     sampler: str = ""
     """Training sampler: ddim (with eta) or ddpm for diffusion models, sde for flow models; empty picks
     ddim or sde from the model."""
@@ -50,16 +57,32 @@ class DanceGRPOConfig(GRPOConfig):
     """All members of a group start from the same initial noise (the paper's recommendation)."""
     timestep_fraction: float = 0.6
     """Fraction of each sample's denoising steps, drawn at random, that it trains on."""
+    ignore_last: bool = True
+    """Never train on the last denoising step, the least noisy one (the public scripts' --ignore_last)."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=6, batch_size=8, group_size=4, num_steps=8, minibatch_size=8, learning_rate=1e-4,
+    "smoke": dict(steps=6, batch_size=16, group_size=4, num_steps=8, minibatch_size=16, learning_rate=1e-4,
                   eval_every=0, eval_prompts=16, checkpoint_every=3, prompts="easy"),
-    "cpu": dict(steps=30, batch_size=32, group_size=8, num_steps=10, minibatch_size=16, learning_rate=1e-4,
+    "cpu": dict(steps=20, batch_size=48, group_size=8, num_steps=10, minibatch_size=24, learning_rate=5e-5,
                 eval_every=10, eval_prompts=128, checkpoint_every=10),
     "gpu": dict(steps=300, batch_size=48, group_size=12, num_steps=16, minibatch_size=12, learning_rate=1e-5,
                 eval_every=20, eval_prompts=256, checkpoint_every=20),
 }
+
+
+# --8<-- [start:subsample]
+def subsample_steps(trajectory: Trajectory, fraction: float, ignore_last: bool, rng: np.random.Generator
+                    ) -> torch.Tensor:
+    """(B, K) steps to train on: per sample, a random K = round(fraction * n) of its n candidate steps
+    (the stochastic steps, without the last one if ``ignore_last``)."""
+    candidates = torch.nonzero(trajectory.schedule.stochastic).flatten().numpy()
+    if ignore_last and len(candidates) > 1:
+        candidates = candidates[candidates != trajectory.num_steps - 1]
+    keep = max(1, int(round(fraction * len(candidates))))
+    rows = [rng.permutation(candidates)[:keep] for _ in range(trajectory.batch_size)]
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+# --8<-- [end:subsample]
 
 
 class DanceGRPO(Method):
@@ -90,7 +113,7 @@ class DanceGRPO(Method):
         # 2. Group-relative advantages.
         advantages = grpo_advantages(batch.rewards, config)
         # 3. Update on a random subset of each sample's steps (timestep subsampling).
-        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+        steps = subsample_steps(batch.trajectory, config.timestep_fraction, config.ignore_last, ctx.rng)
         update = grpo_update(self, batch.trajectory, advantages, steps, config, ctx.rng, self.reference)
         # --8<-- [end:train_step]
         return {

@@ -60,7 +60,7 @@ class FlowGRPOConfig(GRPOConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=6, batch_size=8, group_size=4, num_steps=8, minibatch_size=8, learning_rate=1e-4,
                   eval_every=0, eval_prompts=16, checkpoint_every=3, prompts="easy"),
-    "cpu": dict(steps=30, batch_size=32, group_size=8, num_steps=10, minibatch_size=16, learning_rate=1e-4,
+    "cpu": dict(steps=20, batch_size=32, group_size=8, num_steps=8, minibatch_size=16, learning_rate=5e-5,
                 eval_every=10, eval_prompts=128, checkpoint_every=10),
     "gpu": dict(steps=200, batch_size=96, group_size=24, num_steps=10, minibatch_size=48, learning_rate=3e-4,
                 eval_every=20, eval_prompts=256, checkpoint_every=20, guidance_scale=4.5),

@@ -72,8 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=6, batch_size=16, group_size=4, num_steps=8, window_size=2, shift_interval=2,
                   minibatch_size=16, learning_rate=1e-4, eval_every=0, eval_prompts=16, checkpoint_every=3,
                   prompts="easy"),
-    "cpu": dict(steps=30, batch_size=32, group_size=8, num_steps=10, window_size=3, shift_interval=5,
-                minibatch_size=16, learning_rate=1e-4, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    "cpu": dict(steps=20, batch_size=64, group_size=8, num_steps=10, window_size=3, shift_interval=5,
+                minibatch_size=32, learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
     "gpu": dict(steps=300, batch_size=48, group_size=12, num_steps=25, window_size=4, shift_interval=25,
                 minibatch_size=12, learning_rate=1e-5, eval_every=25, eval_prompts=256, checkpoint_every=25),
 }

@@ -85,8 +85,8 @@ class SPOConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=6, batch_size=4, num_steps=8, num_candidates=4, divert_start_step=2, minibatch_size=12,
                   learning_rate=1e-4, eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="a red circle"),
-    "cpu": dict(steps=30, batch_size=8, num_steps=10, num_candidates=4, divert_start_step=2, minibatch_size=16,
-                learning_rate=3e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    "cpu": dict(steps=20, batch_size=8, num_steps=10, num_candidates=4, divert_start_step=2, minibatch_size=16,
+                learning_rate=3e-5, eval_every=10, eval_prompts=64, checkpoint_every=10),
     "gpu": dict(steps=200, batch_size=10, num_steps=20, num_candidates=4, divert_start_step=4, minibatch_size=10,
                 learning_rate=6e-5, eval_every=20, eval_prompts=256, checkpoint_every=20, guidance_scale=5.0),
 }

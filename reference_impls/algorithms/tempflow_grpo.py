@@ -26,8 +26,9 @@ w_k = \frac{\sigma_k \sqrt{\Delta t_k}}{\frac{1}{|\mathcal K|}\sum_{j \in \mathc
 $$
 
 which counteracts the $\nabla_\theta \log\pi \propto 1/(\sigma_k\sqrt{\Delta t_k})$ scaling that otherwise
-makes the late, nearly deterministic steps dominate the update. Branch steps are drawn per group, so one
-update mixes several steps and their weights.
+makes the late, nearly deterministic steps dominate the update. The public code branches every seed at
+every step but the last and sums the weighted terms over steps; here each group draws one branching step
+per iteration (a sample of that sum, one trajectory per image), so one update still mixes several steps.
 """
 
 from __future__ import annotations
@@ -72,24 +73,25 @@ class TempFlowGRPOConfig(GRPOConfig):
     """beta: weight of the exact KL to the frozen reference at the branch step (Flow-GRPO's 0.04)."""
     branch_start: int = 0
     """First step a group may branch at (0 = the noisiest step)."""
-    branch_end: int = 6
-    """Groups branch at a step drawn uniformly from [branch_start, branch_end), clipped to the sampler's steps."""
+    branch_end: int = 9
+    """Groups branch at a step drawn uniformly from [branch_start, branch_end); the last step, whose noise is
+    tiny, is never a branch point (as in the public code)."""
     noise_aware: bool = True
     """Weight each branch step's loss by its normalised noise std (False: all steps weigh 1)."""
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.branch_start < min(self.branch_end, self.num_steps):
+        if not 0 <= self.branch_start < min(self.branch_end, self.num_steps - 1):
             raise ValueError(f"[--branch-start, --branch-end) = [{self.branch_start}, {self.branch_end}) holds no "
                              f"step of a {self.num_steps}-step sampler")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=6, batch_size=16, group_size=4, num_steps=8, branch_end=6, minibatch_size=16,
+    "smoke": dict(steps=6, batch_size=16, group_size=4, num_steps=8, branch_end=7, minibatch_size=16,
                   learning_rate=1e-4, eval_every=0, eval_prompts=16, checkpoint_every=3, prompts="easy"),
-    "cpu": dict(steps=30, batch_size=32, group_size=8, num_steps=10, branch_end=8, minibatch_size=16,
-                learning_rate=1e-4, eval_every=10, eval_prompts=128, checkpoint_every=10),
-    "gpu": dict(steps=200, batch_size=96, group_size=24, num_steps=10, branch_end=8, minibatch_size=48,
+    "cpu": dict(steps=20, batch_size=64, group_size=8, num_steps=10, branch_end=9, minibatch_size=32,
+                learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    "gpu": dict(steps=200, batch_size=96, group_size=24, num_steps=10, branch_end=9, minibatch_size=48,
                 learning_rate=3e-4, eval_every=20, eval_prompts=256, checkpoint_every=20, guidance_scale=4.5),
 }
 
@@ -161,7 +163,7 @@ class TempFlowGRPO(Method):
                              guidance_scale=config.guidance_scale, reduction=config.reduction)  # type: ignore[arg-type]
 
     def candidates(self) -> range:
-        return range(self.config.branch_start, min(self.config.branch_end, self.config.num_steps))
+        return range(self.config.branch_start, min(self.config.branch_end, self.config.num_steps - 1))
 
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
