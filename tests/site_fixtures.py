@@ -27,7 +27,27 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site_dir = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "MPLBACKEND": "Agg"}
     start = time.perf_counter()
-    result = subprocess.run(
+    # The build writes generated pages into docs/: parallel test workers must not build at the same time.
+    import fcntl
+
+    lock_path = REPO_ROOT / "build" / ".site-build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path.open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        result = _build(site_dir, env)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"mkdocs build --strict failed (exit {result.returncode}):\n{output}"
+    warnings = [line for line in output.splitlines() if "WARNING" in line]
+    assert not warnings, "mkdocs build printed warnings:\n" + "\n".join(warnings)
+    return _finish(site_dir, start)
+
+
+def _build(site_dir: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -45,9 +65,8 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
         timeout=BUILD_TIMEOUT_S,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"mkdocs build --strict failed (exit {result.returncode}):\n{output}"
-    warnings = [line for line in output.splitlines() if "WARNING" in line]
-    assert not warnings, "mkdocs build printed warnings:\n" + "\n".join(warnings)
+
+
+def _finish(site_dir: Path, start: float) -> Path:
     print(f"\nsite built in {time.perf_counter() - start:.1f} s into {site_dir}")
     return site_dir

@@ -282,8 +282,9 @@ def model_fingerprint(policy) -> str:  # noqa: ANN001 - a GenerativePolicy
     return digest.hexdigest()[:16]
 
 
-def bank_key(policy, prompts: list[str], sampler, seed: int, reward: str) -> str:  # noqa: ANN001
-    spec = {"format": BANK_FORMAT, "model": model_fingerprint(policy), "prompts": list(prompts),
+def bank_key(fingerprint: str, prompts: list[str], sampler, seed: int, reward: str) -> str:  # noqa: ANN001
+    """The cache key of a bank: the model's weights, the prompts, the sampler, the seed and the score."""
+    spec = {"format": BANK_FORMAT, "model": fingerprint, "prompts": list(prompts),
             "sampler": asdict(sampler), "seed": seed, "reward": reward}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -316,7 +317,8 @@ def build_preference_bank(policy, prompts: list[str], sampler, *, seed: int = 0,
     from reference_impls.sampling import rollout
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = bank_key(policy, prompts, sampler, seed, reward)
+    fingerprint = model_fingerprint(policy)
+    key = bank_key(fingerprint, prompts, sampler, seed, reward)
     folder = cache / f"{_slug(policy.name)}-{key}"
     if (folder / "bank.json").exists():
         return load_bank(folder)
@@ -342,7 +344,7 @@ def build_preference_bank(policy, prompts: list[str], sampler, *, seed: int = 0,
     flat = images_t.flatten(0, 1)
     scores = get_reward(reward)(flat, [p for p in prompts for _ in range(2)]).float().cpu().view(-1, 2)
     images_u8 = (images_t.clamp(0, 1) * 255).round().to(torch.uint8)
-    meta = {"format": BANK_FORMAT, "key": key, "model": policy.name, "model_fingerprint": model_fingerprint(policy),
+    meta = {"format": BANK_FORMAT, "key": key, "model": policy.name, "model_fingerprint": fingerprint,
             "seed": seed, "reward": reward, "sampler": asdict(sampler), "prompts": list(prompts),
             "build_s": round(time.perf_counter() - started, 2)}
     partial = cache / f".{folder.name}.partial{os.getpid()}"
