@@ -36,6 +36,7 @@ def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", se
         settings["model"] = model
     config = build_config(cls.config_class, cls.presets, settings)
     torch.manual_seed(seed)
+    torch.set_num_threads(1)  # tiny models: extra threads only add contention (papermill cell timeouts)
     policy = load_policy(config.model, device=device)
     instance = cls(policy=policy, reward=get_reward(config.reward), config=config)
     out = Path(out_root) / f"{method}-{reward}-{preset}-seed{seed}"
