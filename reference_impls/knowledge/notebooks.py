@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ import nbformat
 from reference_impls.knowledge.paths import executed_notebooks_dir, notebooks_dir
 
 REQUIRED_PARAMETERS = ("smoke", "device", "seed")
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 @dataclass(frozen=True)
@@ -127,15 +129,25 @@ def execute(
     output_dir.mkdir(parents=True, exist_ok=True)
     output = output_dir / path.name
     partial = output.with_suffix(".partial.ipynb")
-    papermill.execute_notebook(
-        str(path),
-        str(partial),
-        parameters={"smoke": smoke, "seed": seed, "device": device},
-        cwd=str(path.parent.parent),  # the repository root, so relative paths match the README
-        kernel_name="python3",
-        progress_bar=False,
-        execution_timeout=timeout_s,
-    )
+    # The kernel inherits our environment; a machine with MPLBACKEND=Agg (common on headless hosts)
+    # would swallow every figure, so the kernel is told to use the inline backend explicitly.
+    previous_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(partial),
+            parameters={"smoke": smoke, "seed": seed, "device": device},
+            cwd=str(path.parent.parent),  # the repository root, so relative paths match the README
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=timeout_s,
+        )
+    finally:
+        if previous_backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = previous_backend
     partial.replace(output)  # an interrupted run never leaves a half-written page source
     return output
 
