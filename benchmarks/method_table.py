@@ -10,6 +10,8 @@ and the result is merged into ``benchmarks/results/methods.json``, which the sit
 from __future__ import annotations
 
 import argparse
+import fcntl
+import functools
 import json
 import sys
 import time
@@ -34,6 +36,11 @@ def default_reward(cls) -> str:  # noqa: ANN001
     return "shapes-composition"
 
 
+@functools.cache
+def base_model_metrics(model: str) -> dict:
+    return heldout_accuracy(model)
+
+
 def heldout_accuracy(model: str | Path) -> dict:
     policy = load_policy(str(model))
     result = evaluate_policy(policy, heldout_prompts(EVAL_PROMPTS), default_eval_sampler(policy, 20), seed=0)
@@ -53,7 +60,7 @@ def run_method(name: str, out_root: Path, quick: bool) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    before = heldout_accuracy(config.model)
+    before = base_model_metrics(str(config.model))
     start = time.perf_counter()
     records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), out,
                     progress=True)
@@ -72,26 +79,41 @@ def run_method(name: str, out_root: Path, quick: bool) -> dict:
     }
 
 
+def merge_row(name: str, row: dict) -> dict:
+    """Read-modify-write under a file lock, so that tables run in parallel processes all land."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {"rows": {}}
+        existing["rows"][name] = row
+        existing["machine"] = machine_description()
+        partial = RESULTS.with_suffix(".partial")
+        partial.write_text(json.dumps(existing, indent=2) + "\n", encoding="utf-8")
+        partial.replace(RESULTS)
+    return existing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("methods", nargs="*", help=f"default: all ({', '.join(METHODS)})")
     parser.add_argument("--quick", action="store_true", help="2 steps each, results not saved")
     parser.add_argument("--out", default="runs/bench-methods")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: tiny models gain nothing from more; lets two tables run side by side)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    existing = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {"rows": {}}
+    torch.set_num_threads(args.threads)
     for name in args.methods or list(METHODS):
         row = run_method(name, Path(args.out), args.quick)
         print(json.dumps(row))
         if not args.quick:
-            existing["rows"][name] = row
-            existing["machine"] = machine_description()
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(existing, indent=2) + "\n", encoding="utf-8")
+            existing = merge_row(name, row)
+    if args.quick:
+        return 0
     rows = [[r["method"], r["reward"], r["heldout_accuracy_before"], r["heldout_accuracy_after"],
              r["samples_seen"], r["train_wall_s"]] for r in existing["rows"].values()]
     print(format_table(["method", "reward", "acc before", "acc after", "samples", "wall s"], rows))

@@ -13,7 +13,6 @@ from reference_impls.models import load_policy
 from reference_impls.rewards import get_reward
 from reference_impls.training import build_config, train
 
-
 SMOKE_NOTEBOOK_STEPS = 3
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import run_smoke, strip_timing, training_rewards
+
 from reference_impls.algorithms.estimators import PerPromptStatTracker, ppo_clip_loss
 
 
@@ -67,6 +67,7 @@ def test_ddpo_is_deterministic_and_resumes_exactly(tmp_path):
     # A run stopped after 2 steps and resumed to 4 logs the same metrics as the straight run.
     run_smoke("ddpo", "jpeg-compressibility", tmp_path / "c", steps=2, checkpoint_every=2, **CHEAP)
     from helpers import get_method, get_reward, load_policy  # noqa: F401 - same objects the CLI uses
+
     from reference_impls.training import build_config, train
 
     cls = get_method("ddpo")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, tiny_policy
+
 from reference_impls.algorithms import METHODS, UnknownMethodError, get_method
 from reference_impls.models.shapes_model import save_shapes_policy
 from reference_impls.rewards import UnknownRewardError, get_reward

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+
 # --8<-- [start:per_prompt]
 class PerPromptStatTracker:
     """DDPO's advantage normaliser: (r - mean_c) / std_c over recent rewards of the same prompt c.

@@ -196,5 +196,6 @@ class TempFlowGRPO(Method):
             "advantage_abs_mean": float(advantages.abs().mean()),
             "branch_step_mean": float(branch.float().mean()),
             "weight_mean": 1.0 if weights is None else float(weights.mean()),
+            "trained_steps": 1.0,  # the branch step: the only stochastic step of a trajectory
             "time_rollout_s": rollout_s,
         }

@@ -21,10 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts, save_grid
-from reference_impls.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from reference_impls.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from reference_impls.training.method import Method, NonFiniteLossError, step_context
 
 GRID_PROMPTS = 8
