@@ -49,6 +49,7 @@ lint: install
 bench: install
 	$(PY) -m benchmarks.rollout_overhead
 	$(PY) -m benchmarks.update_overhead
+	$(PY) -m benchmarks.grpo_step_cost
 	$(PY) -m benchmarks.method_table
 
 clean:

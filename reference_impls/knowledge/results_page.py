@@ -64,6 +64,29 @@ def _methods_section() -> str:
     return "\n".join(text) + "\n"
 
 
+def method_measurements(bib_key: str) -> str | None:
+    """The method-table rows of the methods implementing ``bib_key``, as a section for its method page."""
+    data = _load("methods")
+    rows = [row for row in (data or {}).get("rows", {}).values() if row.get("bib_key") == bib_key]
+    if not rows:
+        return None
+    text = ["## Measured in the atlas\n",
+            f"Generated from `benchmarks/results/methods.json` (`python -m benchmarks.method_table`), "
+            f"machine: {_machine(data)}. Held-out ShapeWorld prompts (256), exact evaluator, deterministic "
+            "20-step sampler; one standard error is about 0.02 on either number. All methods side by side: "
+            "[Measured results](../results.md).\n",
+            "| run | accuracy before → after | mean score before → after | training reward first → last "
+            "| samples / pairs | wall time (s) |",
+            "|---|---|---|---|---|---|"]
+    for row in rows:
+        text.append(f"| `{row['command']}` | {_fmt(row['heldout_accuracy_before'])} → "
+                    f"{_fmt(row['heldout_accuracy_after'])} | {_fmt(row.get('heldout_score_before'))} → "
+                    f"{_fmt(row.get('heldout_score_after'))} | {_fmt(row.get('reward_first'))} → "
+                    f"{_fmt(row.get('reward_last'))} | {_fmt(row.get('samples_seen'))} "
+                    f"| {_fmt(row.get('train_wall_s'), 0)} |")
+    return "\n".join(text) + "\n"
+
+
 def _overhead_section(name: str, title: str, blurb: str, columns: list[tuple[str, str]]) -> str:
     data = _load(name)
     text = [f"## {title}\n", blurb + f" Measured by `python -m benchmarks.{name}`.\n"]

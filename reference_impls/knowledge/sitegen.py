@@ -20,7 +20,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from reference_impls.knowledge import cite
+from reference_impls.knowledge import cite, results_page
 from reference_impls.knowledge.catalog import Catalog, CatalogEntry, load_catalog
 from reference_impls.knowledge.paths import repo_root
 
@@ -286,6 +286,10 @@ def method_page(catalog: Catalog, entry: CatalogEntry, docs_dir: Path) -> str:
     out.append(entry.mechanism + "\n")
     body = handwritten(docs_dir, "methods", entry.key)
     out.append(body if body else not_implemented_note(catalog, entry))
+    if entry.implemented:
+        measured = results_page.method_measurements(entry.key)
+        out.append(measured or '!!! warning "Not measured yet"\n    Run `python -m benchmarks.method_table` '
+                   "to add this method's held-out results.\n")
     out.append("## References\n")
     out.append(f"{cite.to_markdown(bib)} [In the bibliography](../bibliography.md#{entry.key}).\n")
     out.append(bibtex_fence(cite.to_bibtex(bib)))
