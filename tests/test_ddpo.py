@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from helpers import run_smoke, strip_timing, training_rewards
+from helpers import run_smoke, strip_timing, tiny_policy, training_rewards
 
+from reference_impls.algorithms.ddpo import DDPO, DDPOConfig, draw_prompts
 from reference_impls.algorithms.estimators import PerPromptStatTracker, ppo_clip_loss
+from reference_impls.rewards import get_reward
+from reference_impls.sampling import SamplerConfig, rollout
+from reference_impls.training.online import training_steps
 
 
 def test_ppo_clip_loss_matches_hand_computation():
@@ -106,3 +111,25 @@ def test_dpok_smoke_raises_reward(tmp_path):
     rewards = training_rewards(records)
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
     assert all(r["kl_to_pretrained"] >= 0 for r in records if "kl_to_pretrained" in r)
+
+
+def test_draw_prompts_repeats_each_prompt_so_the_tracker_has_statistics():
+    config = DDPOConfig(batch_size=8, samples_per_prompt=4, prompts="train")
+    method = DDPO(policy=tiny_policy(), reward=get_reward("jpeg-compressibility"), config=config)
+    prompts = draw_prompts(method, config, np.random.default_rng(0))
+    assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
+    with pytest.raises(ValueError, match="multiple of --samples-per-prompt"):
+        draw_prompts(method, DDPOConfig(batch_size=6, samples_per_prompt=4), np.random.default_rng(0))
+
+
+def test_near_deterministic_last_ddim_step_is_left_out_of_training():
+    trajectory = rollout(tiny_policy(), ["a red circle"] * 2, SamplerConfig("ddim", num_steps=6),
+                         torch.Generator().manual_seed(0))
+    stds = trajectory.step_stds
+    assert stds is not None and stds[-1] < 0.01 < 0.1 < float(stds[:-1].min())
+    every = training_steps(trajectory, 1.0, np.random.default_rng(0))
+    kept = training_steps(trajectory, 1.0, np.random.default_rng(0), min_std=0.05)
+    assert sorted(every[0].tolist()) == list(range(6))
+    assert sorted(kept[0].tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="no sampler step"):
+        training_steps(trajectory, 1.0, np.random.default_rng(0), min_std=5.0)

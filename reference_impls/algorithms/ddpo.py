@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from reference_impls.algorithms.estimators import PerPromptStatTracker, ppo_clip_loss
@@ -56,6 +57,12 @@ class DDPOConfig(TrainConfig):
     """Below this many rewards for a prompt, batch statistics are used."""
     reduction: str = "mean"
     """Reduction of the per-pixel log-density: mean (DDPO's) or sum."""
+    samples_per_prompt: int = 1
+    """Images drawn per prompt in a batch. DDPO's prompt lists are small (45 animals), so the per-prompt
+    buffers fill; on our 834-prompt grammar they would stay nearly empty unless prompts repeat in a batch."""
+    min_step_std: float = 0.05
+    """Train only on steps whose noise std is at least this. Our cosine schedule's last DDIM step targets
+    alpha_bar_0 = 0.99996 and has std 0.006 (Stable Diffusion's: about 0.03); 0 trains every step as DDPO does."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -66,6 +73,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(steps=100, batch_size=64, num_steps=20, minibatch_size=8, learning_rate=3e-5, eval_every=10,
                 eval_prompts=256, checkpoint_every=10, guidance_scale=5.0, inner_epochs=1),
 }
+
+
+def draw_prompts(method: Method, config: DDPOConfig, rng: np.random.Generator) -> list[str]:
+    """``batch_size`` prompts: ``batch_size / samples_per_prompt`` distinct draws, each repeated."""
+    if config.batch_size % config.samples_per_prompt:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-prompt "
+                         f"{config.samples_per_prompt}")
+    distinct = method.sample_prompts(config.batch_size // config.samples_per_prompt, rng)
+    return [prompt for prompt in distinct for _ in range(config.samples_per_prompt)]
 
 
 def advantages_from_rewards(rewards: torch.Tensor, prompts: list[str], config: DDPOConfig,
@@ -103,14 +119,14 @@ class DDPO(Method):
     def train_step(self, ctx: StepContext) -> dict[str, float]:
         config = self.config
         # 1. Collect: sample with the current policy, recording per-step log-probs.
-        prompts = self.sample_prompts(config.batch_size, ctx.rng)
+        prompts = draw_prompts(self, config, ctx.rng)
         batch = collect(self, ctx, prompts)
         # 2. Score and normalise per prompt.
         advantages = advantages_from_rewards(batch.rewards, prompts, config, self.tracker)
         # 3. Update: inner epochs over shuffled samples and, per sample, shuffled steps.
         stats = []
         for _ in range(config.inner_epochs):
-            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std)
             for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng):
                 rows = torch.as_tensor(rows)
                 for k in range(steps.shape[1]):

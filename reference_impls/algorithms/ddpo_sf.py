@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards
+from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards, draw_prompts
 from reference_impls.algorithms.estimators import PerPromptStatTracker
 from reference_impls.sampling import transition_log_prob
 from reference_impls.training.method import Method, StepContext
@@ -67,10 +67,10 @@ class DDPOSF(Method):
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
         config = self.config
-        prompts = self.sample_prompts(config.batch_size, ctx.rng)
+        prompts = draw_prompts(self, config, ctx.rng)
         batch = collect(self, ctx, prompts)
         advantages = advantages_from_rewards(batch.rewards, prompts, config, self.tracker)
-        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std)
         for k in range(steps.shape[1]):  # accumulate the sum over steps, one optimiser step
             new = transition_log_prob(self.policy, batch.trajectory, steps[:, k])
             (reinforce_loss(new.log_prob, advantages) / steps.shape[1]).backward()

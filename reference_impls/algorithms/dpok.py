@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards
+from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards, draw_prompts
 from reference_impls.algorithms.estimators import PerPromptStatTracker, gaussian_mean_kl, ppo_clip_loss
 from reference_impls.sampling import transition_log_prob
 from reference_impls.training.method import Method, StepContext
@@ -83,12 +83,12 @@ class DPOK(Method):
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
         config = self.config
-        prompts = self.sample_prompts(config.batch_size, ctx.rng)
+        prompts = draw_prompts(self, config, ctx.rng)
         batch = collect(self, ctx, prompts)
         advantages = advantages_from_rewards(batch.rewards, prompts, config, self.tracker)
         stats, kls = [], []
         for _ in range(config.inner_epochs):
-            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+            steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std)
             for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng):
                 rows = torch.as_tensor(rows)
                 sub = batch.trajectory.subset(rows)

@@ -127,6 +127,8 @@ class Trajectory:
     images: torch.Tensor
     """(B, 3, H, W) decoded final samples in [0, 1]."""
     extras: dict = field(default_factory=dict)
+    step_stds: torch.Tensor | None = None
+    """(T,) noise std of each step when sampled (largest over the batch; 0 for deterministic steps)."""
 
     @property
     def batch_size(self) -> int:
@@ -234,6 +236,7 @@ def rollout(
     x = initial_noise(policy, len(prompts), generator) if noise is None else noise.to(policy.device)
     states = [x]
     log_probs = torch.zeros(len(prompts), schedule.num_steps, device=x.device)
+    step_stds = torch.zeros(schedule.num_steps)
     steps = range(schedule.num_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -246,10 +249,12 @@ def rollout(
         step = apply_step(policy, config, schedule, index, x, output, generator=generator)
         if step.log_prob is not None:
             log_probs[:, i] = step.log_prob
+        step_stds[i] = float(torch.as_tensor(step.std).max())
         x = step.next_state
         states.append(x)
     images = policy.decode(x)
-    return Trajectory(list(prompts), torch.stack(states, dim=1), log_probs, schedule, config, cond, uncond, images)
+    return Trajectory(list(prompts), torch.stack(states, dim=1), log_probs, schedule, config, cond, uncond, images,
+                      step_stds=step_stds)
 
 
 def transition_log_prob(

@@ -55,10 +55,20 @@ def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Gener
         yield order[start : start + minibatch_size]
 
 
-def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator) -> torch.Tensor:
+def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator,
+                   min_std: float = 0.0) -> torch.Tensor:
     """(B, K) step indices to train on: per sample, a random permutation of its stochastic steps,
-    truncated to ``fraction`` of them (DDPO's ``timestep_fraction``)."""
-    stochastic = torch.nonzero(trajectory.schedule.stochastic).flatten().numpy()
+    truncated to ``fraction`` of them (DDPO's ``timestep_fraction``).
+
+    Steps whose sampling noise std was below ``min_std`` are left out: a nearly deterministic step
+    explores nothing, yet the gradient of its log-density scales like 1/std and would drown the others.
+    """
+    trainable = trajectory.schedule.stochastic.clone()
+    if min_std > 0 and trajectory.step_stds is not None:
+        trainable &= trajectory.step_stds >= min_std
+    if not bool(trainable.any()):
+        raise ValueError(f"no sampler step has a noise std >= {min_std} (stds: {trajectory.step_stds})")
+    stochastic = torch.nonzero(trainable).flatten().numpy()
     keep = max(1, int(round(fraction * len(stochastic))))
     rows = [rng.permutation(stochastic)[:keep] for _ in range(trajectory.batch_size)]
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
