@@ -63,7 +63,7 @@ class AlignPropConfig(RewardBackpropConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(reward="prompt-colour", steps=6, batch_size=8, num_steps=8, k_max=4, learning_rate=3e-4,
                   eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="easy"),
-    "cpu": dict(steps=60, batch_size=16, num_steps=10, learning_rate=1e-4, eval_every=20, eval_prompts=128,
+    "cpu": dict(steps=40, batch_size=16, num_steps=10, learning_rate=3e-5, eval_every=20, eval_prompts=128,
                 checkpoint_every=20),
     "gpu": dict(steps=400, batch_size=8, num_steps=50, learning_rate=1e-4, eval_every=50, eval_prompts=256,
                 checkpoint_every=50, guidance_scale=5.0),

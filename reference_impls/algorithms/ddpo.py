@@ -58,8 +58,8 @@ class DDPOConfig(TrainConfig):
     reduction: str = "mean"
     """Reduction of the per-pixel log-density: mean (DDPO's) or sum."""
     samples_per_prompt: int = 1
-    """Images drawn per prompt in a batch. DDPO's prompt lists are small (45 animals), so the per-prompt
-    buffers fill; on our 834-prompt grammar they would stay nearly empty unless prompts repeat in a batch."""
+    """Images drawn per prompt in a batch (1 = the paper's sampling). DDPO's prompts are single animal names,
+    so per-prompt buffers fill; on our 834-prompt grammar they stay nearly empty unless prompts repeat."""
     min_step_std: float = 0.05
     """Train only on steps whose noise std is at least this. Our cosine schedule's last DDIM step targets
     alpha_bar_0 = 0.99996 and has std 0.006 (Stable Diffusion's: about 0.03); 0 trains every step as DDPO does."""
@@ -68,8 +68,8 @@ class DDPOConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, inner_epochs=4, learning_rate=3e-5, eval_every=0,
                   eval_prompts=16, checkpoint_every=4, prompts="a red circle"),
-    "cpu": dict(steps=16, batch_size=16, minibatch_size=8, num_steps=8, inner_epochs=2, learning_rate=3e-5,
-                eval_every=8, eval_prompts=64, checkpoint_every=4),
+    "cpu": dict(steps=20, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
+                learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
     "gpu": dict(steps=100, batch_size=64, num_steps=20, minibatch_size=8, learning_rate=3e-5, eval_every=10,
                 eval_prompts=256, checkpoint_every=10, guidance_scale=5.0, inner_epochs=1),
 }

@@ -23,7 +23,10 @@ def _load(name: str) -> dict[str, Any] | None:
 
 
 def _machine(data: dict[str, Any]) -> str:
-    machine = data.get("machine", {})
+    machine = dict(data.get("machine", {}))
+    load = machine.get("load_average_1_5_15min")
+    if isinstance(load, list):
+        machine["load_average_1_5_15min"] = " / ".join(f"{value:.1f}" for value in load)
     return (f"{machine.get('cpu_model', '?')}, {machine.get('logical_cores', '?')} logical cores, "
             f"torch {machine.get('torch', '?')}, {machine.get('torch_threads', '?')} torch threads, "
             f"load average at the time {machine.get('load_average_1_5_15min', '?')}")
@@ -41,6 +44,15 @@ def _missing(script: str) -> str:
     return f'!!! warning "Not measured yet"\n    Run `python -m benchmarks.{script}` to produce these figures.\n\n'
 
 
+METHOD_ORDER = ("ddpo", "ddpo-sf", "dpok", "refl", "draft-k", "draft-lv", "alignprop", "diffusion-dpo", "d3po",
+                "diffusion-kto", "spo", "flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo")
+
+
+def _family_order(row: dict[str, Any]) -> int:
+    """Families in the site's order (policy gradient, reward backprop, DPO, GRPO); unknown methods last."""
+    return METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def _methods_section() -> str:
     data = _load("methods")
     text = ["## Every method in its `cpu` preset\n",
@@ -50,15 +62,21 @@ def _methods_section() -> str:
     if not data or not data.get("rows"):
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
-    text.append("| method | reward | model | accuracy before | accuracy after | mean score before | mean score after "
-                "| samples / pairs | train wall time (s) | s / step |")
-    text.append("|---|---|---|---|---|---|---|---|---|---|")
-    for row in data["rows"].values():
+    text.append("| method | reward | model | accuracy before → after | mean score before → after "
+                "| training reward first → last | samples / pairs | train wall time (s) | s / step |")
+    text.append("|---|---|---|---|---|---|---|---|---|")
+    for row in sorted(data["rows"].values(), key=_family_order):
         text.append(
             f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
-            f"| {_fmt(row['heldout_accuracy_before'])} | {_fmt(row['heldout_accuracy_after'])} "
-            f"| {_fmt(row.get('heldout_score_before'))} | {_fmt(row.get('heldout_score_after'))} "
+            f"| {_fmt(row['heldout_accuracy_before'])} → {_fmt(row['heldout_accuracy_after'])} "
+            f"| {_fmt(row.get('heldout_score_before'))} → {_fmt(row.get('heldout_score_after'))} "
+            f"| {_fmt(row.get('reward_first'))} → {_fmt(row.get('reward_last'))} "
             f"| {_fmt(row.get('samples_seen'))} | {_fmt(row.get('train_wall_s'), 0)} | {_fmt(row.get('s_per_step'), 2)} |")
+    text.append("\nThe training reward is the method's own (a learned proxy, `shapes-learned`, for the reward-backprop "
+                "methods, which need a differentiable one); the held-out columns are the exact evaluator, which no "
+                "method trains on directly. A training reward that rises while the exact score falls is reward "
+                "hacking. One standard error on 256 prompts is about 0.017 for accuracy and 0.015 for the mean "
+                "score; wall times were measured with two tables running side by side on the 2 cores.\n")
     text.append("\nThese are small runs on a laptop-class CPU: differences of a few points on 256 prompts are within "
                 "noise, and a method that does not move the needle here may do well at the paper's scale.\n")
     return "\n".join(text) + "\n"
