@@ -102,7 +102,7 @@ class DPOK(Method):
                                                new.std, config)
                     (loss / steps.shape[1]).backward()
                     stats.append(stat)
-                    kls.append(float(kl))
+                    kls.append(float(kl.detach()))
                 self.apply_gradients()
         # --8<-- [end:train_step]
         return {
