@@ -66,7 +66,7 @@ class DDPOConfig(TrainConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, inner_epochs=4, learning_rate=3e-5, eval_every=0,
+    "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, inner_epochs=3, learning_rate=3e-5, eval_every=0,
                   eval_prompts=16, checkpoint_every=4, prompts="a red circle"),
     "cpu": dict(steps=20, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
                 learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
