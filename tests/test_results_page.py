@@ -57,3 +57,15 @@ def test_results_page_labels_missing_benchmarks(fake_results: dict[str, dict]) -
     page = results_page.results_page()
     assert "[ddpo](methods/black2023ddpo.md)" in page
     assert "python -m benchmarks.grpo_step_cost" in page and "Not measured yet" in page
+
+
+def test_write_draws_the_before_after_figure_and_removes_it_without_data(fake_results: dict[str, dict],
+                                                                         tmp_path: Path) -> None:
+    fake_results["methods"] = {"machine": {}, "rows": {"ddpo": ROW}}
+    results_page.write(tmp_path)
+    figure = tmp_path / results_page.FIGURE
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({results_page.FIGURE})" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
+    fake_results.clear()
+    results_page.write(tmp_path)
+    assert not figure.exists() and "Not measured yet" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")

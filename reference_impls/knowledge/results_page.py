@@ -6,6 +6,7 @@ command and the machine, and says plainly when a benchmark has not been run.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from reference_impls.knowledge.paths import repo_root
 
 PAGE = "results.md"
+FIGURE = "assets/results/methods.png"
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -62,6 +64,7 @@ def _methods_section() -> str:
     if not data or not data.get("rows"):
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
+    text.append(f"![Held-out accuracy and mean score before and after each method's cpu run]({FIGURE})\n")
     text.append("| method | reward | model | accuracy before → after | mean score before → after "
                 "| training reward first → last | samples / pairs | train wall time (s) | s / step |")
     text.append("|---|---|---|---|---|---|---|---|---|")
@@ -184,9 +187,49 @@ def results_page() -> str:
     return "\n".join(parts)
 
 
+def methods_figure_png(data: dict[str, Any]) -> bytes:
+    """Before -> after arrows per method: held-out accuracy and mean score, grouped in family order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(data["rows"].values(), key=_family_order)
+    figure = Figure(figsize=(10, 0.38 * len(rows) + 1.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    positions = list(range(len(rows)))[::-1]
+    for ax, key, title in ((axes[0], "accuracy", "held-out accuracy"), (axes[1], "score", "held-out mean score")):
+        for y, row in zip(positions, rows):
+            before, after = row[f"heldout_{key}_before"], row[f"heldout_{key}_after"]
+            colour = "#2e7d32" if after > before else "#c62828" if after < before else "#757575"
+            ax.annotate("", xy=(after, y), xytext=(before, y),
+                        arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.8))
+            ax.plot([before], [y], "o", color="#9e9e9e", ms=4)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        values = [row[f"heldout_{key}_{when}"] for row in rows for when in ("before", "after")]
+        margin = 0.05 * (max(values) - min(values) or 1.0)
+        ax.set_xlim(min(values) - margin, max(values) + margin)
+    axes[0].set_yticks(positions, [f"{row['method']} ({row['reward']})" for row in rows])
+    figure.suptitle("Each method's cpu preset: grey dot = base model, arrow head = after training (exact evaluator)")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _write_if_changed(target: Path, content: bytes) -> None:
+    if target.is_file() and target.read_bytes() == content:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content)
+
+
 def write(docs_dir: Path) -> list[dict[str, str]]:
-    target = docs_dir / PAGE
-    content = results_page()
-    if not target.exists() or target.read_text(encoding="utf-8") != content:
-        target.write_text(content, encoding="utf-8")
+    data = _load("methods")
+    figure = docs_dir / FIGURE
+    if data and data.get("rows"):
+        _write_if_changed(figure, methods_figure_png(data))
+    elif figure.exists():
+        figure.unlink()
+    _write_if_changed(docs_dir / PAGE, results_page().encode("utf-8"))
     return [{"Measured results": PAGE}]
