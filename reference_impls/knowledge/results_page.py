@@ -79,7 +79,8 @@ def _methods_section() -> str:
                 "methods, which need a differentiable one); the held-out columns are the exact evaluator, which no "
                 "method trains on directly. A training reward that rises while the exact score falls is reward "
                 "hacking. One standard error on 256 prompts is about 0.017 for accuracy and 0.015 for the mean "
-                "score; wall times were measured with two tables running side by side on the 2 cores.\n")
+                "score; wall times were measured with two to four training processes sharing the 2 cores "
+                "(about 1.5-2x an idle machine).\n")
     text.append("\nThese are small runs on a laptop-class CPU: differences of a few points on 256 prompts are within "
                 "noise, and a method that does not move the needle here may do well at the paper's scale.\n")
     return "\n".join(text) + "\n"
