@@ -64,6 +64,10 @@ class DDPOConfig(TrainConfig):
     """Train only on steps whose noise std is at least this. Our cosine schedule's last DDIM step targets
     alpha_bar_0 = 0.99996 and has std 0.006 (Stable Diffusion's: about 0.03); 0 trains every step as DDPO does."""
 
+    def validate(self) -> None:
+        super().validate()
+        check_samples_per_prompt(self)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, inner_epochs=3, learning_rate=3e-5, eval_every=0,
@@ -75,11 +79,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_samples_per_prompt(config: DDPOConfig) -> None:
+    if config.samples_per_prompt < 1 or config.batch_size % config.samples_per_prompt:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-prompt "
+                         f"{config.samples_per_prompt} (>= 1)")
+
+
 def draw_prompts(method: Method, config: DDPOConfig, rng: np.random.Generator) -> list[str]:
     """``batch_size`` prompts: ``batch_size / samples_per_prompt`` distinct draws, each repeated."""
-    if config.batch_size % config.samples_per_prompt:
-        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-prompt "
-                         f"{config.samples_per_prompt}")
+    check_samples_per_prompt(config)
     distinct = method.sample_prompts(config.batch_size // config.samples_per_prompt, rng)
     return [prompt for prompt in distinct for _ in range(config.samples_per_prompt)]
 
