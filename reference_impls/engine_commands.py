@@ -34,7 +34,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown world {args.world!r}; valid worlds: shapes")
     _set_threads(args.threads)
     config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                            seed=args.seed)
+                            seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from)
+    if args.init_from and not Path(args.init_from).is_dir():
+        raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
     provenance = pretrain(config, Path(args.out), command=command)
     policy = _load(args.out)
@@ -126,6 +128,54 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for key, value in result.metrics.items():
             if key != "n":
                 print(f"  {key:<12} {value:.3f}")
+    return 0
+
+
+# -- compare --------------------------------------------------------------------------------------
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from reference_impls.comparison import compare_models, comparison_prompts, format_report
+    from reference_impls.evaluation import default_eval_sampler
+    from reference_impls.rewards import UnknownRewardError, get_reward
+    from reference_impls.worlds import SPLITS
+
+    _set_threads(args.threads)
+    if args.split not in SPLITS:
+        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(SPLITS)}")
+    for name in ("n", "samples_per_prompt", "bootstrap"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.reward:
+        try:
+            get_reward(args.reward)
+        except UnknownRewardError as error:
+            raise UsageError(str(error)) from None
+    base = _load(args.base, args.device)
+    models = [_load(m, args.device) for m in args.model]
+    for name, policy in [(args.base, base), *zip(args.model, models)]:
+        if policy.world != "shapes":
+            raise UsageError(f"{name} is not a ShapeWorld model: rlvg compare scores ShapeWorld prompts only")
+        if policy.kind != base.kind:
+            raise UsageError(f"{name} is a {policy.kind} model and {args.base} a {base.kind} model: "
+                             "a paired comparison needs the same sampler for both")
+    sampler = default_eval_sampler(base, args.steps, args.guidance_scale)
+    prompts = comparison_prompts(args.split, args.n)
+    report = compare_models(base, models, prompts, sampler, seed=args.seed,
+                            samples_per_prompt=args.samples_per_prompt, reward_name=args.reward,
+                            n_boot=args.bootstrap)
+    report.settings = {"base": args.base, "models": args.model, "split": args.split, "sampler": sampler.name,
+                       "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+                       "reward": args.reward}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+        tmp.replace(out)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report, args.base, args.model))
     return 0
 
 
@@ -223,6 +273,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap")
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--init-from", default=None,
+                   help="continue from this checkpoint folder (e.g. reference_impls/checkpoints/shapes-flow)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--eval-n", type=int, default=256, help="held-out prompts scored into provenance.json")
     p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
@@ -255,6 +308,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_eval)
+
+    p = subparsers.add_parser(
+        "compare", help="paired comparison of fine-tuned model(s) with their base, with 95% bootstrap CIs",
+        description="Both models draw images for the same prompts from the same initial noise with the same "
+                    "deterministic sampler; differences are averaged per prompt and bootstrapped over prompts "
+                    "(and over models, when several seeds are given), stratified by task.")
+    p.add_argument("--base", required=True, help=f"the model fine-tuning started from ({models} or a folder)")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="fine-tuned model folder(s), e.g. runs/x/final; several = seeds of one method")
+    p.add_argument("--split", default="heldout", help="prompt split: heldout (default), train, easy, all")
+    p.add_argument("--n", type=int, default=None, help="prompts (default: the whole split, each once)")
+    p.add_argument("--samples-per-prompt", type=int, default=2, help="draws per prompt, each with its own noise")
+    p.add_argument("--reward", default=None, help="also compare this reward (e.g. the one trained on)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the deterministic sampler")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
+    p.set_defaults(handler=_cmd_compare)
 
     _train_parser(subparsers)
 

@@ -92,18 +92,71 @@ def test_ddpo_sf_smoke_raises_reward(tmp_path):
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
 
 
+def _step(mean: torch.Tensor, output: torch.Tensor):
+    from reference_impls.sampling.steps import StepOutput
+
+    return StepOutput(mean, mean, torch.tensor(0.5), None, mean, model_output=output)
+
+
 def test_dpok_loss_is_weighted_surrogate_plus_gaussian_kl():
-    from reference_impls.algorithms.dpok import DPOKConfig, dpok_loss
+    from reference_impls.algorithms.dpok import DPOKConfig, dpok_loss, dpok_regulariser
 
     config = DPOKConfig(reward_weight=2.0, kl_coef=0.5, clip_range=0.1)
     zeros = torch.zeros(2)
     mean = torch.zeros(2, 1, 1, 2)
     reference = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 2.0]]]])
-    loss, stats, kl = dpok_loss(zeros, zeros, torch.tensor([1.0, -1.0]), mean, reference, torch.tensor(0.5), config)
+    regulariser = dpok_regulariser(_step(mean, mean), _step(reference, reference), config)
+    loss, stats, kl = dpok_loss(zeros, zeros, torch.tensor([1.0, -1.0]), regulariser, config)
     # surrogate: ratios 1 -> mean(-A) = 0 ; KL per sample (mean over 2 dims): (1+1)/2/(2*0.25)=2 and (0+4)/2/0.5=4
     assert kl.item() == pytest.approx(3.0)
     assert loss.item() == pytest.approx(2.0 * 0.0 + 0.5 * 3.0)
     assert stats.ratio_mean == 1.0
+
+
+def test_dpok_official_eps_mse_form_compares_noise_predictions():
+    from reference_impls.algorithms.dpok import DPOKConfig, dpok_regulariser
+
+    config = DPOKConfig(kl_form="eps-mse")
+    mean = torch.zeros(1, 1, 1, 2)
+    eps = torch.tensor([[[[1.0, 3.0]]]])
+    # (1 - 0)^2 and (3 - 0)^2 averaged over 2 dims = 5, whatever the step means and std
+    assert dpok_regulariser(_step(mean, eps), _step(mean + 7, torch.zeros_like(eps)), config).item() == 5.0
+    with pytest.raises(ValueError, match="kl-form"):
+        DPOKConfig(kl_form="forward").validate()
+
+
+def _dpok_or_ddpo(method_name: str, kl_coef: float, steps: int):
+    from reference_impls.algorithms.dpok import DPOK, DPOKConfig
+    from reference_impls.training.method import step_context
+
+    settings = dict(batch_size=8, minibatch_size=4, num_steps=4, learning_rate=1e-3, prompts="a red circle",
+                    per_prompt_stat_tracking=False, min_step_std=0.0)
+    reward = get_reward("jpeg-compressibility")
+    if method_name == "ddpo":
+        method = DDPO(policy=tiny_policy(), reward=reward, config=DDPOConfig(**settings))
+    else:
+        method = DPOK(policy=tiny_policy(), reward=reward,
+                      config=DPOKConfig(**settings, kl_coef=kl_coef, reward_weight=1.0))
+    records = [method.train_step(step_context(0, step)) for step in range(steps)]
+    return method, records
+
+
+def test_dpok_kl_acts_from_the_first_iteration():
+    """Two optimiser steps per iteration: the second sees a nonzero KL, so beta changes the first update."""
+    ddpo, _ = _dpok_or_ddpo("ddpo", 0.0, 1)
+    inert, _ = _dpok_or_ddpo("dpok", 0.0, 1)
+    anchored, records = _dpok_or_ddpo("dpok", 1e4, 1)
+    weights = [dict(m.policy.denoiser.named_parameters()) for m in (ddpo, inert, anchored)]
+    moved = [max(float((w[k] - weights[0][k]).detach().abs().max()) for k in w) for w in weights[1:]]
+    assert moved[0] < 1e-6, "with beta = 0 DPOK's update is DDPO's (reward weight 1)"
+    assert moved[1] > 1e-5, "with beta > 0 the KL must change the first iteration's update"
+    assert records[0]["kl_to_pretrained"] > 0
+
+
+def test_dpok_kl_keeps_the_policy_closer_to_the_pretrained_model():
+    free, free_records = _dpok_or_ddpo("dpok", 0.0, 3)
+    anchored, anchored_records = _dpok_or_ddpo("dpok", 1e4, 3)
+    assert anchored_records[-1]["kl_to_pretrained"] < 0.5 * free_records[-1]["kl_to_pretrained"]
 
 
 def test_dpok_smoke_raises_reward(tmp_path):

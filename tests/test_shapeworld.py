@@ -184,7 +184,8 @@ def test_relation_fails_when_objects_are_swapped() -> None:
             for bad in (swapped, opposed):
                 assert not bad.correct and not bad.criteria["relation"]
                 assert bad.criteria["count"] and bad.criteria["colour"] and bad.criteria["shape"]
-                assert bad.score == pytest.approx(0.75)
+                assert bad.criteria_score == pytest.approx(0.75)
+                assert bad.score == pytest.approx(2 / 3)  # both objects matched, the relation unit lost
 
 
 def test_count_fails_with_an_extra_object() -> None:

@@ -20,6 +20,15 @@ $$
 $$
 
 The KL is evaluated at the states the current samples visited, so it regularises where the policy goes.
+At the start of every run the policy *is* the pretrained model, so the KL and its gradient are zero; it
+acts from the second optimiser step on, which is why each iteration here takes several (minibatches and
+``inner_epochs``, the official code's ``p_step`` policy steps per sampling step).
+
+Two forms of the regulariser (``kl_form``): ``exact``, the Gaussian KL above, and ``eps-mse``, the official
+code's $\lVert\epsilon_\theta(x_t, c) - \epsilon_\text{pre}(x_t, c)\rVert^2$ averaged over dimensions (the
+KL up to the per-step factor that maps noise predictions to step means, absorbed into $\beta$). Adam
+makes the loss scale irrelevant, so only $\beta / \alpha$ matters; the presets' $\beta$ is set by measurement
+so that the KL's gradient is a visible part of the update (``benchmarks/dpok_kl_share.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 from reference_impls.algorithms.ddpo import DDPOConfig, advantages_from_rewards, draw_prompts
 from reference_impls.algorithms.estimators import PerPromptStatTracker, gaussian_mean_kl, ppo_clip_loss
 from reference_impls.sampling import transition_log_prob
+from reference_impls.sampling.steps import StepOutput
 from reference_impls.training.method import Method, StepContext
 from reference_impls.training.online import collect, minibatch_indices, reward_metrics, training_steps
 
@@ -43,7 +53,15 @@ class DPOKConfig(DDPOConfig):
     reward_weight: float = 10.0
     """alpha: weight of the (normalised) reward term."""
     kl_coef: float = 0.01
-    """beta: weight of the per-step KL to the pretrained model."""
+    """beta: weight of the per-step KL to the pretrained model (only beta / alpha matters under Adam)."""
+    kl_form: str = "exact"
+    """exact (Gaussian KL of the two steps, |mu - mu_pre|^2 / 2 sigma^2) or eps-mse (the official code's
+    mean squared difference of the noise predictions)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kl_form not in ("exact", "eps-mse"):
+            raise ValueError(f"--kl-form must be exact or eps-mse, got {self.kl_form!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,11 +75,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # --8<-- [start:loss]
+def dpok_regulariser(new: StepOutput, pretrained: StepOutput, config: DPOKConfig) -> torch.Tensor:
+    """Per-sample KL of the policy's step to the pretrained model's step (or the official eps-MSE)."""
+    if config.kl_form == "eps-mse":
+        assert new.model_output is not None and pretrained.model_output is not None
+        squared = (new.model_output - pretrained.model_output) ** 2
+        return squared.flatten(1).mean(dim=1)
+    return gaussian_mean_kl(new.mean, pretrained.mean, new.std, reduction=config.reduction)
+
+
 def dpok_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-              mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, config: DPOKConfig):  # noqa: ANN201
-    """alpha * clipped policy-gradient surrogate + beta * Gaussian KL to the pretrained step."""
+              kl: torch.Tensor, config: DPOKConfig):  # noqa: ANN201
+    """alpha * clipped policy-gradient surrogate + beta * mean KL to the pretrained step."""
     surrogate, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, config.clip_range)
-    kl = gaussian_mean_kl(mean, reference_mean, std, reduction=config.reduction).mean()
+    kl = kl.mean()
     return config.reward_weight * surrogate + config.kl_coef * kl, stats, kl
 # --8<-- [end:loss]
 
@@ -98,8 +125,8 @@ class DPOK(Method):
                     with torch.no_grad():
                         reference = transition_log_prob(self.pretrained, sub, step)
                     old = sub.log_probs[torch.arange(len(rows)), step]
-                    loss, stat, kl = dpok_loss(new.log_prob, old, advantages[rows], new.mean, reference.mean,
-                                               new.std, config)
+                    kl = dpok_regulariser(new, reference, config)
+                    loss, stat, kl = dpok_loss(new.log_prob, old, advantages[rows], kl, config)
                     (loss / steps.shape[1]).backward()
                     stats.append(stat)
                     kls.append(float(kl.detach()))

@@ -54,7 +54,9 @@ class FlowGRPOConfig(GRPOConfig):
     kl_coef: float = 0.04
     """beta: weight of the exact per-step KL to the frozen reference (the paper's 0.04 for GenEval and OCR)."""
     timestep_fraction: float = 1.0
-    """Fraction of the denoising steps each sample trains on (the public configs skip only the last)."""
+    """Fraction of the trainable denoising steps each sample trains on."""
+    train_last_step: bool = False
+    """Also train the final SDE step (the public configs train the first T-1 steps only)."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,7 +101,8 @@ class FlowGRPO(Method):
         # 2. Group-relative advantages: each image against the other images of its prompt.
         advantages = grpo_advantages(batch.rewards, config)
         # 3. Update: clipped ratio at every trained step + beta * KL to the reference on the step means.
-        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng)
+        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std,
+                               skip_last=not config.train_last_step)
         update = grpo_update(self, batch.trajectory, advantages, steps, config, ctx.rng, self.reference)
         # --8<-- [end:train_step]
         return {

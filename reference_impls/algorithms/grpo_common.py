@@ -17,7 +17,12 @@ L(\theta) = \frac{1}{B}\sum_i \frac{1}{|K_i|}\sum_{k \in K_i}
 $$
 
 where $s_k$ is the std of step $k$ ($\sigma_t\sqrt{\Delta t}$ for the flow SDE, DDIM's $\sigma$ for
-diffusion) and $w_{i,k} = 1$ except in TempFlow-GRPO (noise-aware weights). Because $w > 0$, weighting
+diffusion) and $w_{i,k} = 1$ except in TempFlow-GRPO (noise-aware weights). That KL is the exact one
+(``kl_form = "exact"``). The official Flow-GRPO code divides the squared mean gap by $2\sigma_t^2$ instead
+of $2\sigma_t^2\Delta t$, i.e. it multiplies the exact KL by $\Delta t$ ($1/T$ for $T$ uniform steps), so a
+given $\beta$ acts $T$ times more weakly there; ``kl_form = "official"`` (the default) does the same, so the
+papers' $\beta$ means what it meant in their runs. Diffusion samplers have no such factor: both forms are
+the exact KL there. Because $w > 0$, weighting
 the clipped term equals clipping with the advantage $w A$, which is how :func:`grpo_update` applies it.
 The KL is the exact KL between the two Gaussian steps (they share the std $s_k$), averaged over pixels
 like the log-densities (``reduction``). This module defines no method: each file in this folder that does
@@ -63,9 +68,16 @@ class GRPOConfig(TrainConfig):
     """Images per optimiser step; gradients accumulate over the minibatch's trained steps."""
     reduction: str = "mean"
     """Reduction of per-pixel log-densities and KL: mean (the public codes') or sum."""
+    kl_form: str = "official"
+    """KL scaling on flow models: official (the public Flow-GRPO code's |mu - mu_ref|^2 / 2 sigma_t^2, the exact
+    KL times dt) or exact (|mu - mu_ref|^2 / 2 sigma_t^2 dt). Both are exact on diffusion samplers."""
+    min_step_std: float = 0.0
+    """Train only the steps whose sampling noise std is at least this (0 = every stochastic step)."""
 
     def validate(self) -> None:
         super().validate()
+        if self.kl_form not in ("official", "exact"):
+            raise ValueError(f"--kl-form must be official or exact, got {self.kl_form!r}")
         if self.group_size < 2:
             raise ValueError(f"--group-size must be >= 2 (a group of one has no baseline), got {self.group_size}")
         if self.batch_size % self.group_size:
@@ -137,8 +149,18 @@ def grpo_step_loss(method: Method, trajectory: Trajectory, steps: torch.Tensor, 
         return loss, stats, None
     with torch.no_grad():
         anchor = transition_log_prob(reference, trajectory, steps)
-    kl = gaussian_mean_kl(new.mean, anchor.mean, new.std, reduction=config.reduction).mean()  # type: ignore[arg-type]
+    kl = gaussian_mean_kl(new.mean, anchor.mean, new.std, reduction=config.reduction)  # type: ignore[arg-type]
+    kl = (kl * kl_scale(trajectory, steps, config.kl_form).to(kl.device, kl.dtype)).mean()
     return loss + config.kl_coef * kl, stats, float(kl.detach())
+
+
+def kl_scale(trajectory: Trajectory, steps: torch.Tensor, form: str) -> torch.Tensor:
+    """Per-sample factor on the exact step KL: dt = s_k - s_{k+1} for the official flow form, else 1."""
+    schedule = trajectory.schedule
+    if form == "exact" or schedule.sigma is None:
+        return torch.ones(steps.shape[0])
+    dt = (schedule.sigma - schedule.sigma_next)[steps]
+    return dt.to(torch.float32)
 # --8<-- [end:step_loss]
 
 

@@ -51,6 +51,9 @@ class PretrainConfig:
     """Probability of training on the empty prompt (classifier-free guidance)."""
     seed: int = 0
     """Seeds torch and the prompt/render stream."""
+    init_from: str | None = None
+    """Continue from this checkpoint folder's weights (same kind and sizes) instead of a random start;
+    the prompt/render stream is seeded afresh, so the continuation sees new images."""
 
 
 def _render_batch(prompts: list[str], rng: np.random.Generator) -> torch.Tensor:
@@ -75,6 +78,19 @@ def _loss(policy: GenerativePolicy, x0: torch.Tensor, prompts: list[str], genera
     return torch.mean((policy.predict(x_s, s * 1000, cond) - (noise - x0)) ** 2)
 
 
+def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str) -> None:
+    """Copy a checkpoint's denoiser and text-encoder weights into a freshly built policy (safetensors)."""
+    from reference_impls.models.shapes_model import MODEL_FILE, load_shapes_policy
+
+    meta = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    if meta["kind"] != kind or meta.get("network", "native") != "native":
+        raise ValueError(f"--init-from {folder} holds a {meta['kind']} model with network "
+                         f"{meta.get('network', 'native')!r}; pretraining needs a native {kind} checkpoint")
+    source = load_shapes_policy(folder)
+    policy.denoiser.load_state_dict(source.denoiser.state_dict())
+    policy.text_encoder.text_encoder.load_state_dict(source.text_encoder.text_encoder.state_dict())
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -93,6 +109,8 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     policy = build_shapes_policy(config.kind, model_config, seed=config.seed)
+    if config.init_from:
+        _load_weights_into(policy, Path(config.init_from), config.kind)
     modules = torch.nn.ModuleList([policy.denoiser, policy.text_encoder.text_encoder])
     modules.train()
     ema = copy.deepcopy(modules).eval().requires_grad_(False)

@@ -329,7 +329,7 @@ def labelled(images: np.ndarray, prompts: list[str]) -> tuple[torch.Tensor, torc
     """(criteria targets (N, 5), criteria mask (N, 5), exact scores (N,)) from the exact evaluator."""
     evaluations = evaluate_batch(images, prompts)
     targets = torch.tensor([[float(e.criteria.get(k, False)) for k in CRITERIA] for e in evaluations])
-    scores = torch.tensor([e.score for e in evaluations], dtype=torch.float32)
+    scores = torch.tensor([e.criteria_score for e in evaluations], dtype=torch.float32)
     return targets, criteria_mask(prompts), scores
 
 

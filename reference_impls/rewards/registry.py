@@ -6,8 +6,13 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
 
 * ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the JPEG file size in kB, as in
   DDPO (Black et al., 2023). Not differentiable.
-* ``shapes-composition``: the exact ShapeWorld evaluator's fraction of satisfied criteria (count,
-  colour, shape, size, relation): our GenEval-style verifiable reward. Not differentiable.
+* ``shapes-composition``: the exact ShapeWorld evaluator's matched score: requested objects matched one
+  to one to detected ones, partial credit per attribute, a cost for every unrequested object, the
+  relation as one more unit. 1 exactly when the image is correct, so maximising it means drawing what
+  was asked: our GenEval-style verifiable reward. Not differentiable.
+* ``shapes-criteria``: the fraction of the evaluator's criteria that hold (count, colour, shape, size,
+  relation). Kept as the documented example of a verifiable reward that can be gamed: colour and shape
+  pass with "at least" counts, so drawing extra objects raises it while accuracy falls.
 * ``shapes-accuracy``: 1 if every criterion holds, else 0 (the metric we report as accuracy).
 * ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
   and hackable on purpose: painting the whole canvas that colour maximises it while the exact
@@ -81,6 +86,11 @@ def shapes_composition(images: torch.Tensor, prompts: list[str]) -> torch.Tensor
     return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 
+def shapes_criteria(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    scores = [e.criteria_score for e in _shapes_evaluations(images, prompts)]
+    return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+
 def shapes_accuracy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     correct = [float(e.correct) for e in _shapes_evaluations(images, prompts)]
     return torch.tensor(correct, dtype=torch.float32, device=images.device)
@@ -124,7 +134,11 @@ REWARDS: dict[str, RewardFunction] = {
         RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
                        "the JPEG size in kB (quality 95), as in DDPO"),
         RewardFunction("shapes-composition", shapes_composition, False,
-                       "exact ShapeWorld evaluator: fraction of prompt criteria satisfied", world="shapes"),
+                       "exact ShapeWorld evaluator: matched objects with partial credit, extra objects cost; "
+                       "1 exactly when correct", world="shapes"),
+        RewardFunction("shapes-criteria", shapes_criteria, False,
+                       "gameable on purpose: fraction of prompt criteria satisfied (extra objects pay)",
+                       world="shapes"),
         RewardFunction("shapes-accuracy", shapes_accuracy, False,
                        "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
         RewardFunction("prompt-colour", prompt_colour, True,

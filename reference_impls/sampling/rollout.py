@@ -278,4 +278,6 @@ def transition_log_prob(
     timesteps = trajectory.schedule.model_timesteps.to(x.device)[index]
     scale = trajectory.config.guidance_scale if guidance_scale is None else guidance_scale
     output = guided_prediction(policy, x, timesteps, trajectory.cond, trajectory.uncond, scale)
-    return apply_step(policy, trajectory.config, trajectory.schedule, index, x, output, next_state=next_state)
+    step = apply_step(policy, trajectory.config, trajectory.schedule, index, x, output, next_state=next_state)
+    step.model_output = output
+    return step

@@ -35,6 +35,9 @@ class StepOutput:
     """(B,) log-density of next_state under N(mean, std^2), reduced over pixels; None if std == 0."""
     predicted_x0: torch.Tensor
     """The denoiser's estimate of the clean sample at this step (used by ReFL and for display)."""
+    model_output: torch.Tensor | None = None
+    """The (guided) denoiser output the step was computed from, when the caller kept it (epsilon or
+    velocity): DPOK's official regulariser compares these directly."""
 
 
 def _has_noise(std: torch.Tensor) -> bool:

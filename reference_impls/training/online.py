@@ -56,14 +56,17 @@ def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Gener
 
 
 def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator,
-                   min_std: float = 0.0) -> torch.Tensor:
+                   min_std: float = 0.0, skip_last: bool = False) -> torch.Tensor:
     """(B, K) step indices to train on: per sample, a random permutation of its stochastic steps,
     truncated to ``fraction`` of them (DDPO's ``timestep_fraction``).
 
     Steps whose sampling noise std was below ``min_std`` are left out: a nearly deterministic step
     explores nothing, yet the gradient of its log-density scales like 1/std and would drown the others.
+    ``skip_last`` leaves out the final denoising step (Flow-GRPO's shipped configs train the first T-1).
     """
     trainable = trajectory.schedule.stochastic.clone()
+    if skip_last:
+        trainable[-1] = False
     if min_std > 0 and trajectory.step_stds is not None:
         trainable &= trajectory.step_stds >= min_std
     if not bool(trainable.any()):

@@ -8,6 +8,8 @@ and ``evaluate`` for the details of each part.
 
 from .evaluate import (
     CRITERIA,
+    EXTRA_OBJECT_COST,
+    TASKS,
     DetectedObject,
     Evaluation,
     aggregate,
@@ -15,6 +17,8 @@ from .evaluate import (
     detect_objects,
     evaluate,
     evaluate_batch,
+    matched_score,
+    prompt_task,
     score_objects,
 )
 from .grammar import (
@@ -43,6 +47,8 @@ __all__ = [
     "COLOURS",
     "COUNT_WORDS",
     "CRITERIA",
+    "EXTRA_OBJECT_COST",
+    "TASKS",
     "MAX_OBJECTS",
     "PALETTE",
     "RELATIONS",
@@ -66,8 +72,10 @@ __all__ = [
     "evaluate_batch",
     "is_heldout",
     "layout",
+    "matched_score",
     "parse_prompt",
     "prompt_split",
+    "prompt_task",
     "render",
     "render_batch",
     "sample_prompts",

@@ -22,8 +22,16 @@ Pipeline, batched over images:
    often as requested. ``shape``: likewise for shapes. ``size`` (only when the prompt has a size word):
    every matching object has that size. ``relation`` (only when the prompt has one): some matching
    pair has its centres in the stated relation by at least ``EVAL_RELATION_MARGIN`` pixels.
-   ``correct`` is the conjunction (compositional accuracy); ``score`` the fraction satisfied (a dense
-   reward in [0, 1]).
+   ``correct`` is the conjunction (compositional accuracy).
+5. **Scores.** ``score`` is the *matched* score, the dense reward that is aligned with ``correct``
+   (:func:`matched_score`): requested object instances are matched one-to-one to detected objects,
+   each match earns the fraction of its attributes that agree, every detected object left unmatched costs
+   one attribute, and a relation counts as one more unit. It is 1 exactly when ``correct`` holds, and no
+   image scores higher by drawing more than was asked. ``criteria_score`` is the fraction of criteria
+   that hold: the first reward of this atlas, kept as the example of a verifiable reward that can be
+   gamed (colour and shape pass with "at least" counts, so spraying extra objects raises it).
+6. **Tasks.** Every prompt belongs to one GenEval-style task (:func:`prompt_task`), so accuracy can be
+   reported per task as GenEval does.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from scipy.optimize import linear_sum_assignment
 
 from .grammar import COLOURS, PromptSpec, as_spec
 from .render import (
@@ -46,6 +56,13 @@ from .render import (
 )
 
 CRITERIA: tuple[str, ...] = ("count", "colour", "shape", "size", "relation")
+# GenEval's six tasks (Ghosh et al., 2023) mapped onto ShapeWorld's prompt forms (see prompt_task), plus
+# ShapeWorld's own size attribute. In ShapeWorld every object is named with a colour, so GenEval's
+# "colors" task becomes the two-object prompts that differ only in colour.
+TASKS: tuple[str, ...] = ("single_object", "size", "counting", "two_objects", "colors", "color_attr", "position")
+# An unrequested object costs one attribute of a two-attribute object (colour, shape): at least as much as
+# one wrong attribute of any requested object (sized objects have three).
+EXTRA_OBJECT_COST = 0.5
 COLOUR_THRESHOLD = 0.45  # RGB distance in [0,1] units; mid grey (0.5, 0.5, 0.5) is 0.59 from green
 MIN_AREA = 8  # pixels on a 32x32 image (scaled with area); the smallest rendered triangle has 24
 EVAL_RELATION_MARGIN = 2.0  # pixels at 32x32; half the renderer's margin, so renders pass clearly
@@ -99,7 +116,12 @@ class Evaluation:
     criteria: dict[str, bool]
     correct: bool
     score: float
+    """The matched score in [0, 1] (:func:`matched_score`); 1 exactly when ``correct``."""
     objects: tuple[DetectedObject, ...] = field(default_factory=tuple)
+    criteria_score: float = 0.0
+    """Fraction of criteria that hold (the gameable partial credit of ``shapes-criteria``)."""
+    task: str = ""
+    """The prompt's GenEval-style task (one of TASKS)."""
 
 
 def _as_float_nhwc(images: np.ndarray) -> np.ndarray:
@@ -193,6 +215,81 @@ def detect_objects(images: np.ndarray) -> list[tuple[DetectedObject, ...]]:
     return [tuple(sorted(objs, key=lambda o: (o.bbox[0], o.bbox[1]))) for objs in found]
 
 
+def prompt_task(spec: PromptSpec | str) -> str:
+    """GenEval-style task of a prompt (one of TASKS).
+
+    single phrase, one object, no size -> ``single_object``; with a size word -> ``size``; two or three
+    objects -> ``counting``; relations -> ``position``; conjunctions by what tells their phrases apart:
+    shape only (same colour) -> ``two_objects``, colour only (same shape) -> ``colors``, both ->
+    ``color_attr`` (each colour must be bound to the right shape).
+    """
+    spec = as_spec(spec)
+    if spec.relation is not None:
+        return "position"
+    if len(spec.objects) == 1:
+        obj = spec.objects[0]
+        if obj.count > 1:
+            return "counting"
+        return "size" if obj.size is not None else "single_object"
+    first, second = spec.objects
+    if first.colour == second.colour:
+        return "two_objects"
+    if first.shape == second.shape:
+        return "colors"
+    return "color_attr"
+
+
+def _attribute_credit(requested: tuple[str, str, str | None], detected: DetectedObject) -> float:
+    colour, shape, size = requested
+    checks = [detected.colour == colour, detected.shape == shape]
+    if size is not None:
+        checks.append(detected.size == size)
+    return sum(checks) / len(checks)
+
+
+def matched_score(objects: Sequence[DetectedObject], spec: PromptSpec | str, size: int = REFERENCE_SIZE) -> float:
+    r"""Dense score aligned with accuracy: match requested instances to detections one-to-one.
+
+    With requested instances $i = 1..N$, detections $d$, a maximum-credit one-to-one matching $M$ (pairs
+    with zero credit are not matches), credit $c(i, d)$ = fraction of $i$'s attributes (colour, shape and
+    size when asked) that $d$ has, $E$ the detections left unmatched and $R = 1$ for relation prompts:
+
+    $$ s = \max\Big(0,\ \frac{\sum_{(i,d) \in M} c(i,d) + R\,[\text{relation holds}] - \lambda |E|}{N + R}\Big),
+    \qquad \lambda = 1/2, $$
+
+    where the relation is checked between the two detections matched to the related objects, so one wrong
+    attribute costs that attribute only. Drawing exactly what was asked is the only way to reach 1, and an
+    unrequested object costs as much as a wrong attribute of a two-attribute object, never less.
+    """
+    spec = as_spec(spec)
+    requested = [(p.colour, p.shape, p.size) for p in spec.objects for _ in range(p.count)]
+    credit = np.array([[_attribute_credit(r, d) for d in objects] for r in requested]).reshape(len(requested), -1)
+    # A match also saves the extra-object cost of its detection; zero-credit pairs are no match.
+    gain = np.where(credit > 0, credit + EXTRA_OBJECT_COST, 0.0)
+    if spec.relation is None:
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        best = float(gain[rows, cols].sum())
+        units = len(requested)
+    else:
+        # Two single objects: try every pair of detections (or none) so the relation joins the matching.
+        name, a, b = spec.relation
+        margin = EVAL_RELATION_MARGIN * size / REFERENCE_SIZE
+        options = [None, *range(len(objects))]
+        best = 0.0
+        for da in options:
+            for db in options:
+                if da is not None and da == db:
+                    continue
+                total = (gain[a, da] if da is not None else 0.0) + (gain[b, db] if db is not None else 0.0)
+                if (da is not None and db is not None and credit[a, da] > 0 and credit[b, db] > 0
+                        and relation_holds(name, objects[da].centre, objects[db].centre, margin)):
+                    total += 1.0
+                best = max(best, float(total))
+        units = len(requested) + 1
+    total = best - EXTRA_OBJECT_COST * len(objects)
+    return max(0.0, total / units)
+
+
 def score_objects(
     objects: Sequence[DetectedObject], spec: PromptSpec | str, size: int = REFERENCE_SIZE
 ) -> Evaluation:
@@ -224,8 +321,10 @@ def score_objects(
             relation_holds(name, oa.centre, ob.centre, margin) for oa in matches[a] for ob in matches[b]
         )
     correct = all(criteria.values())
-    score = sum(criteria.values()) / len(criteria)
-    return Evaluation(spec.text, criteria, correct, float(score), tuple(objects))
+    criteria_score = sum(criteria.values()) / len(criteria)
+    score = matched_score(objects, spec, size)
+    return Evaluation(spec.text, criteria, correct, float(score), tuple(objects),
+                      criteria_score=float(criteria_score), task=prompt_task(spec))
 
 
 def evaluate_batch(images: np.ndarray, specs: Sequence[PromptSpec | str]) -> list[Evaluation]:
@@ -247,16 +346,27 @@ def evaluate(image: np.ndarray, spec: PromptSpec | str) -> Evaluation:
 
 
 def aggregate(evaluations: Sequence[Evaluation]) -> dict[str, float]:
-    """Overall accuracy, mean score and per-criterion accuracy (over the prompts that have it)."""
+    """Overall accuracy, mean scores, per-criterion accuracy (over the prompts that have it), per-task
+    accuracy ``task_<name>`` and ``task_mean``, the unweighted mean over the tasks present (GenEval's
+    overall score)."""
     if not evaluations:
         raise ValueError("no evaluations to aggregate")
     out: dict[str, float] = {
         "n": float(len(evaluations)),
         "accuracy": float(np.mean([e.correct for e in evaluations])),
         "mean_score": float(np.mean([e.score for e in evaluations])),
+        "criteria_score": float(np.mean([e.criteria_score for e in evaluations])),
+        "objects_per_image": float(np.mean([len(e.objects) for e in evaluations])),
     }
     for name in CRITERIA:
         values = [e.criteria[name] for e in evaluations if name in e.criteria]
         if values:
             out[name] = float(np.mean(values))
+    tasks = []
+    for task in TASKS:
+        values = [e.correct for e in evaluations if e.task == task]
+        if values:
+            out[f"task_{task}"] = float(np.mean(values))
+            tasks.append(out[f"task_{task}"])
+    out["task_mean"] = float(np.mean(tasks))
     return out
