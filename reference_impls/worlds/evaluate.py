@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-
 from scipy.optimize import linear_sum_assignment
 
 from .grammar import COLOURS, PromptSpec, as_spec
