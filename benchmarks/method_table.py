@@ -1,33 +1,52 @@
-"""Every method in its ``cpu`` preset on ShapeWorld: held-out accuracy before and after, samples, wall time.
+"""Every method in its ``cpu`` preset on ShapeWorld, over seeds, judged by paired comparisons with their base.
 
-Each method runs ``rlvg train METHOD --preset cpu`` semantics (the method's own cpu preset; online methods
-on the ``shapes-composition`` reward unless the method needs a differentiable one, then ``shapes-learned``)
-and the result is merged into ``benchmarks/results/methods.json``, which the site's Results page renders.
+For each method and seed the benchmark trains ``rlvg train METHOD --preset cpu --seed S`` (online methods on
+``shapes-composition``; reward-backprop methods on the differentiable proxy ``shapes-learned``), then scores
+the trained model and its base on
 
-    python -m benchmarks.method_table [METHOD ...] [--quick]
+* the whole held-out split, two draws per prompt, the same initial noise and deterministic sampler for both
+  (the exact evaluator's accuracy, matched score and per-task accuracy), and
+* 128 fixed training prompts, one draw each, with the reward the method trained on,
+
+and merges a row into ``benchmarks/results/methods.json``: the gain over the base averaged over seeds with a
+95% bootstrap interval over seeds and prompts (``reference_impls.comparison``), each seed's own comparison,
+and each seed's held-out accuracy curve against samples seen. The site's Results page and the method pages
+render that file.
+
+    python -m benchmarks.method_table METHOD [METHOD ...] [--seeds 0 1 2] [--reuse] [--quick]
+
+Seeds of one method can run in parallel processes (one thread each) and be gathered afterwards with
+``--reuse``: a seed whose run directory already holds ``final/`` and ``scores.json`` is not run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
-import functools
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_description
 from reference_impls.algorithms import METHODS
-from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
+from reference_impls.comparison import ModelScores, compare_scores, comparison_prompts, score_model
+from reference_impls.evaluation import default_eval_sampler
 from reference_impls.models import load_policy
+from reference_impls.models.loading import resolve_model_dir
 from reference_impls.rewards import REWARDS, get_reward
 from reference_impls.training import build_config, train
 
 RESULTS = RESULTS_DIR / "methods.json"
-EVAL_PROMPTS = 256
+HELDOUT_DRAWS = 2
+TRAIN_PROMPTS = 128
+EVAL_STEPS = 20
+SCORE_SEED = 0
 
 
 def default_reward(cls) -> str:  # noqa: ANN001
@@ -36,46 +55,113 @@ def default_reward(cls) -> str:  # noqa: ANN001
     return "shapes-composition"
 
 
-@functools.cache
-def base_model_metrics(model: str) -> dict:
-    return heldout_accuracy(model)
-
-
-def heldout_accuracy(model: str | Path) -> dict:
-    policy = load_policy(str(model))
-    result = evaluate_policy(policy, heldout_prompts(EVAL_PROMPTS), default_eval_sampler(policy, 20), seed=0)
-    return result.metrics
-
-
-def run_method(name: str, out_root: Path, quick: bool) -> dict:
+def _settings(name: str, quick: bool) -> dict:
     cls = METHODS[name]
-    settings = {"preset": "cpu", "reward": default_reward(cls)}
+    settings = {"preset": "cpu", "reward": default_reward(cls), "threads": 1}
     if "flow" in cls.supported_kinds and "diffusion" not in cls.supported_kinds:
         settings["model"] = "shapes-flow"
     if quick:
-        settings["steps"] = 2
-    config = build_config(cls.config_class, cls.presets, settings)
-    out = out_root / name
-    if out.exists():
-        import shutil
+        settings.update(steps=2, eval_every=0, eval_prompts=8)
+    return settings
 
+
+def _digest(model: str | Path) -> str:
+    folder = resolve_model_dir(str(model))
+    digest = hashlib.sha256()
+    for path in sorted((folder / "unet").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _as_json(scores: ModelScores) -> dict:
+    return {k: (v.tolist() if v is not None else None)
+            for k, v in (("correct", scores.correct), ("score", scores.score), ("reward", scores.reward),
+                         ("objects", scores.objects))}
+
+
+def _from_json(data: dict) -> ModelScores:
+    return ModelScores(**{k: (np.asarray(v) if v is not None else None) for k, v in data.items()})
+
+
+def score_both_protocols(model: str | Path, reward: str, quick: bool) -> dict[str, ModelScores]:
+    """Held-out (exact evaluator) and training-prompt (trained reward) scores of one model."""
+    policy = load_policy(str(model))
+    sampler = default_eval_sampler(policy, EVAL_STEPS)
+    heldout = comparison_prompts("heldout", 16 if quick else None)
+    train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS)
+    return {"heldout": score_model(policy, heldout, sampler, SCORE_SEED, HELDOUT_DRAWS),
+            "train": score_model(policy, train_prompts, sampler, SCORE_SEED, 1, reward_name=reward)}
+
+
+def base_scores(model: str, reward: str, quick: bool, cache_dir: Path) -> dict[str, ModelScores]:
+    """The base model's scores, cached by the digest of its weights (every seed and method shares them)."""
+    path = cache_dir / f"base-{model}-{_digest(model)}-{reward}{'-quick' if quick else ''}.json"
+    if path.exists():
+        return {k: _from_json(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    scores = score_both_protocols(model, reward, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: _as_json(v) for k, v in scores.items()}), encoding="utf-8")
+    tmp.replace(path)
+    return scores
+
+
+def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool) -> dict:
+    """Train one seed (unless reused) and score its final model; returns the seed's record."""
+    cls = METHODS[name]
+    config = build_config(cls.config_class, cls.presets, {**_settings(name, quick), "seed": seed})
+    out = out_root / name / f"seed{seed}"
+    record_path = out / "scores.json"
+    if reuse and record_path.exists() and (out / "final").exists():
+        return json.loads(record_path.read_text(encoding="utf-8"))
+    if out.exists():
         shutil.rmtree(out)
-    before = base_model_metrics(str(config.model))
+    torch.set_num_threads(config.threads or 1)
     start = time.perf_counter()
     records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), out,
                     progress=True)
     wall = time.perf_counter() - start
-    after = heldout_accuracy(out / "final")
-    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    scores = score_both_protocols(out / "final", config.reward, quick)
+    record = {
+        "seed": seed, "train_wall_s": round(wall, 1), "steps": config.steps,
+        "samples_seen": records[-1].get("samples_seen"),
+        "curve": [{"samples_seen": r.get("samples_seen", 0), "accuracy": r["eval_accuracy"],
+                   "mean_score": r.get("eval_mean_score")} for r in records if "eval_accuracy" in r],
+        "scores": {k: _as_json(v) for k, v in scores.items()},
+        "config": {k: getattr(config, k) for k in ("model", "reward", "steps", "batch_size", "learning_rate")},
+    }
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    tmp.replace(record_path)
+    return record
+
+
+def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path) -> dict:
+    """Aggregate the seeds of one method into the results row (gains with 95% CIs over seeds and prompts)."""
+    cls = METHODS[name]
+    config = seeds[0]["config"]
+    base = base_scores(config["model"], config["reward"], quick, cache_dir)
+    heldout_prompts = comparison_prompts("heldout", 16 if quick else None)
+    train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS)
+    models = {key: [_from_json(s["scores"][key]) for s in seeds] for key in ("heldout", "train")}
+    heldout = compare_scores(heldout_prompts, base["heldout"], models["heldout"], HELDOUT_DRAWS)
+    trained = compare_scores(train_prompts, base["train"], models["train"], 1)
+    per_seed = [compare_scores(heldout_prompts, base["heldout"], [m], HELDOUT_DRAWS) for m in models["heldout"]]
+    settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _settings(name, quick).items() if k != "threads")
     return {
-        "method": name, "bib_key": cls.bib_key, "model": config.model, "reward": config.reward,
-        "steps": config.steps, "samples_seen": records[-1].get("samples_seen"),
-        "train_wall_s": round(wall, 1), "s_per_step": round(wall / config.steps, 2),
-        "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
-        "heldout_accuracy_before": before["accuracy"], "heldout_accuracy_after": after["accuracy"],
-        "heldout_score_before": before["mean_score"], "heldout_score_after": after["mean_score"],
-        "heldout_prompts": EVAL_PROMPTS,
-        "command": f"rlvg train {name} --preset cpu --reward {config.reward} --model {config.model}",
+        "method": name, "bib_key": cls.bib_key, "model": config["model"], "reward": config["reward"],
+        "seeds": [s["seed"] for s in seeds],
+        "minutes_per_run": round(float(np.mean([s["train_wall_s"] for s in seeds])) / 60, 2),
+        "samples_seen": seeds[0]["samples_seen"], "steps": seeds[0]["steps"],
+        "heldout": {k: v.as_dict() for k, v in heldout.rows.items()},
+        "train_reward": trained.rows["reward"].as_dict(),
+        "per_seed": [{"seed": s["seed"], "accuracy": r.rows["accuracy"].as_dict(),
+                      "train_wall_s": s["train_wall_s"], "curve": s["curve"]} for s, r in zip(seeds, per_seed)],
+        "protocol": {"heldout_prompts": len(heldout_prompts), "heldout_draws": HELDOUT_DRAWS,
+                     "train_prompts": len(train_prompts), "sampler_steps": EVAL_STEPS, "bootstrap": 2000},
+        "command": f"rlvg train {name} {settings} --seed S",
+        "compare_command": (f"rlvg compare --base {config['model']} --model RUN/final "
+                            f"--samples-per-prompt {HELDOUT_DRAWS}"),
     }
 
 
@@ -96,27 +182,35 @@ def merge_row(name: str, row: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("methods", nargs="*", help=f"default: all ({', '.join(METHODS)})")
-    parser.add_argument("--quick", action="store_true", help="2 steps each, results not saved")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--reuse", action="store_true", help="keep seeds already trained and scored")
+    parser.add_argument("--no-merge", action="store_true", help="train and score only (gather later with --reuse)")
+    parser.add_argument("--quick", action="store_true", help="2 steps each, few prompts, results not saved")
     parser.add_argument("--out", default="runs/bench-methods")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: tiny models gain nothing from more; lets two tables run side by side)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    out_root = Path(args.out)
+    existing = None
     for name in args.methods or list(METHODS):
-        row = run_method(name, Path(args.out), args.quick)
-        print(json.dumps(row))
+        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse) for seed in args.seeds]
+        if args.no_merge:
+            continue
+        row = method_row(name, seeds, args.quick, out_root / "_base")
+        accuracy = row["heldout"]["accuracy"]
+        print(f"{name}: held-out accuracy {accuracy['base']:.3f} -> {accuracy['model']:.3f} "
+              f"({accuracy['diff']:+.3f}, 95% CI [{accuracy['ci_low']:+.3f}, {accuracy['ci_high']:+.3f}]) "
+              f"over seeds {row['seeds']}")
         if not args.quick:
             existing = merge_row(name, row)
-    if args.quick:
-        return 0
-    rows = [[r["method"], r["reward"], r["heldout_accuracy_before"], r["heldout_accuracy_after"],
-             r["samples_seen"], r["train_wall_s"]] for r in existing["rows"].values()]
-    print(format_table(["method", "reward", "acc before", "acc after", "samples", "wall s"], rows))
+    if existing:
+        rows = [[r["method"], r["reward"], r["heldout"]["accuracy"]["base"], r["heldout"]["accuracy"]["diff"],
+                 f"[{r['heldout']['accuracy']['ci_low']:+.3f}, {r['heldout']['accuracy']['ci_high']:+.3f}]",
+                 len(r["seeds"]), r["minutes_per_run"]] for r in existing["rows"].values() if "heldout" in r]
+        print(format_table(["method", "reward", "base acc", "gain", "95% CI", "seeds", "min/run"], rows))
     return 0
 
 

@@ -41,9 +41,12 @@ class ModelScores:
     """(N,) the evaluator's matched score (the ``shapes-composition`` reward) in [0, 1]."""
     reward: np.ndarray | None = None
     """(N,) the named reward, when the comparison was asked for one."""
+    objects: np.ndarray | None = None
+    """(N,) objects the evaluator detected per image (drawing more than asked is how rewards get gamed)."""
 
     def metric(self, name: str) -> np.ndarray:
-        value = {"accuracy": self.correct, "mean_score": self.score, "reward": self.reward}[name]
+        value = {"accuracy": self.correct, "mean_score": self.score, "reward": self.reward,
+                 "objects_per_image": self.objects}[name]
         if value is None:
             raise KeyError(f"no {name!r} was computed")
         return value
@@ -123,7 +126,8 @@ def score_model(policy: GenerativePolicy, prompts: Sequence[str], sampler: Sampl
         rewards = np.concatenate([reward(images[i : i + batch_size], expanded[i : i + batch_size]).detach()
                                   .float().cpu().numpy() for i in range(0, len(expanded), batch_size)])
     return ModelScores(correct=np.array([float(e.correct) for e in evaluations]),
-                       score=np.array([e.score for e in evaluations]), reward=rewards)
+                       score=np.array([e.score for e in evaluations]), reward=rewards,
+                       objects=np.array([float(len(e.objects)) for e in evaluations]))
 
 
 def per_prompt(values: np.ndarray, samples_per_prompt: int) -> np.ndarray:
@@ -174,6 +178,8 @@ def compare_scores(prompts: Sequence[str], base: ModelScores, models: Sequence[M
     tasks = [prompt_task(p) for p in prompts]
     report = ComparisonReport(list(prompts), tasks, samples_per_prompt, len(models))
     metrics = ["accuracy", "mean_score"] + (["reward"] if base.reward is not None else [])
+    if base.objects is not None and all(m.objects is not None for m in models):
+        metrics.append("objects_per_image")
     for metric in metrics:
         b = per_prompt(base.metric(metric), samples_per_prompt)
         m = np.stack([per_prompt(s.metric(metric), samples_per_prompt) for s in models])

@@ -9,12 +9,21 @@ import pytest
 from reference_impls.knowledge import results_page, sitegen
 from reference_impls.knowledge.catalog import load_catalog
 
+def _cell(base: float, model: float, low: float, high: float, n: int = 156) -> dict:
+    return {"base": base, "model": model, "diff": model - base, "ci_low": low, "ci_high": high, "n_prompts": n,
+            "significant": low > 0 or high < 0}
+
+
 ROW = {
     "method": "ddpo", "bib_key": "black2023ddpo", "model": "shapes-diffusion", "reward": "shapes-composition",
-    "steps": 16, "samples_seen": 256, "train_wall_s": 123.4, "s_per_step": 7.7, "reward_first": 0.25,
-    "reward_last": 0.375, "heldout_accuracy_before": 0.0859, "heldout_accuracy_after": 0.1211,
-    "heldout_score_before": 0.3288, "heldout_score_after": 0.3512, "heldout_prompts": 256,
-    "command": "rlvg train ddpo --preset cpu --reward shapes-composition --model shapes-diffusion",
+    "seeds": [0, 1, 2], "minutes_per_run": 9.5, "samples_seen": 640, "steps": 20,
+    "heldout": {"accuracy": _cell(0.2, 0.3, 0.05, 0.15), "mean_score": _cell(0.5, 0.52, -0.01, 0.05),
+                "task_counting": _cell(0.3, 0.5, 0.1, 0.3, 19), "task_mean": _cell(0.2, 0.3, 0.02, 0.2)},
+    "train_reward": _cell(0.4, 0.45, 0.01, 0.09, 128),
+    "per_seed": [{"seed": s, "accuracy": _cell(0.2, 0.3, 0.0 + s / 100, 0.2), "train_wall_s": 570.0,
+                  "curve": [{"samples_seen": 0, "accuracy": 0.2}, {"samples_seen": 640, "accuracy": 0.3}]}
+                 for s in range(3)],
+    "command": "rlvg train ddpo --preset cpu --reward shapes-composition --seed S",
 }
 
 
@@ -35,8 +44,9 @@ def test_method_page_shows_its_measured_row(fake_results: dict[str, dict]) -> No
     fake_results["methods"] = {"machine": {"cpu_model": "test cpu", "logical_cores": 2}, "rows": {"ddpo": ROW}}
     page = _page("black2023ddpo")
     assert "## Measured in the atlas" in page
-    assert "0.086 → 0.121" in page and "0.329 → 0.351" in page
-    assert ROW["command"] in page and "test cpu" in page
+    assert "0.200 → 0.300" in page and "+0.100 [+0.050, +0.150]" in page and "**up**" in page
+    assert "no effect" in page  # the matched score's interval covers 0
+    assert ROW["command"] in page and "test cpu" in page and "seed 2:" in page
 
 
 def test_unmeasured_implemented_method_says_so(fake_results: dict[str, dict]) -> None:
@@ -57,15 +67,23 @@ def test_results_page_labels_missing_benchmarks(fake_results: dict[str, dict]) -
     page = results_page.results_page()
     assert "[ddpo](methods/black2023ddpo.md)" in page
     assert "python -m benchmarks.grpo_step_cost" in page and "Not measured yet" in page
+    assert "Not yet measured with this protocol: ddpo-sf" in page
+    assert "counting (n=19)" in page and "0.30 → 0.50" in page
 
 
-def test_write_draws_the_before_after_figure_and_removes_it_without_data(fake_results: dict[str, dict],
+def test_rows_of_the_old_single_batch_schema_are_not_shown(fake_results: dict[str, dict]) -> None:
+    fake_results["methods"] = {"rows": {"ddpo": {"method": "ddpo", "bib_key": "black2023ddpo",
+                                                 "heldout_accuracy_before": 0.1, "heldout_accuracy_after": 0.2}}}
+    assert "Not measured yet" in results_page.results_page()
+
+
+def test_write_draws_the_curves_figure_and_removes_it_without_data(fake_results: dict[str, dict],
                                                                          tmp_path: Path) -> None:
     fake_results["methods"] = {"machine": {}, "rows": {"ddpo": ROW}}
     results_page.write(tmp_path)
-    figure = tmp_path / results_page.FIGURE
+    figure = tmp_path / results_page.CURVES
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"]({results_page.FIGURE})" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
+    assert f"]({results_page.CURVES})" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
     fake_results.clear()
     results_page.write(tmp_path)
     assert not figure.exists() and "Not measured yet" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")

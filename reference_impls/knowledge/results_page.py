@@ -14,7 +14,7 @@ from typing import Any
 from reference_impls.knowledge.paths import repo_root
 
 PAGE = "results.md"
-FIGURE = "assets/results/methods.png"
+CURVES = "assets/results/curves.png"
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -55,57 +55,106 @@ def _family_order(row: dict[str, Any]) -> int:
     return METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER else len(METHOD_ORDER)
 
 
+TASK_LABELS = {"single_object": "single object", "size": "size", "counting": "counting",
+               "two_objects": "two objects", "colors": "colours", "color_attr": "colour attribution",
+               "position": "position"}
+
+
+def _measured_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows measured with the paired protocol (seeds, CIs), in family order."""
+    rows = [row for row in (data or {}).get("rows", {}).values() if "heldout" in row]
+    return sorted(rows, key=_family_order)
+
+
+def _gain(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "n/a"
+    return f"{cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]"
+
+
+def _verdict(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "n/a"
+    if not cell["significant"]:
+        return "no effect"
+    return "**up**" if cell["ci_low"] > 0 else "**down**"
+
+
+PROTOCOL = (
+    "Each trained model is compared with its base on the same prompts, from the same initial noise, with the "
+    "same deterministic 20-step sampler (`rlvg compare`): the whole held-out split (156 prompts, two draws each) "
+    "for the exact evaluator, and 128 fixed training prompts for the reward the method trained on. A gain is the "
+    "paired difference averaged over seeds and prompts; its 95% interval is a percentile bootstrap over seeds and "
+    "prompts (stratified by task). \"up\" or \"down\" only when the interval excludes 0; otherwise \"no effect\"."
+)
+
+
 def _methods_section() -> str:
     data = _load("methods")
-    text = ["## Every method in its `cpu` preset\n",
-            "Held-out compositional accuracy (all criteria of the prompt hold, exact ShapeWorld evaluator, "
-            "deterministic sampler, fixed held-out prompts) before and after training with each method's `cpu` "
-            "preset. Measured by `python -m benchmarks.method_table`.\n"]
-    if not data or not data.get("rows"):
+    text = ["## Every method in its `cpu` preset, over seeds\n", PROTOCOL + " Measured by "
+            "`python -m benchmarks.method_table METHOD --seeds 0 1 2`.\n"]
+    rows = _measured_rows(data)
+    if not rows:
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
-    text.append(f"![Held-out accuracy and mean score before and after each method's cpu run]({FIGURE})\n")
-    text.append("| method | reward | model | accuracy before → after | mean score before → after "
-                "| training reward first → last | samples / pairs | train wall time (s) | s / step |")
-    text.append("|---|---|---|---|---|---|---|---|---|")
-    for row in sorted(data["rows"].values(), key=_family_order):
+    text.append(f"![Held-out accuracy against samples seen, mean and range over seeds]({CURVES})\n")
+    text.append("| method | reward | base | held-out accuracy: base → trained | gain [95% CI] | verdict "
+                "| matched score gain [95% CI] | trained reward gain [95% CI] | seeds | minutes / run |")
+    text.append("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        accuracy = row["heldout"]["accuracy"]
         text.append(
             f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
-            f"| {_fmt(row['heldout_accuracy_before'])} → {_fmt(row['heldout_accuracy_after'])} "
-            f"| {_fmt(row.get('heldout_score_before'))} → {_fmt(row.get('heldout_score_after'))} "
-            f"| {_fmt(row.get('reward_first'))} → {_fmt(row.get('reward_last'))} "
-            f"| {_fmt(row.get('samples_seen'))} | {_fmt(row.get('train_wall_s'), 0)} | {_fmt(row.get('s_per_step'), 2)} |")
-    text.append("\nThe training reward is the method's own (a learned proxy, `shapes-learned`, for the reward-backprop "
-                "methods, which need a differentiable one); the held-out columns are the exact evaluator, which no "
-                "method trains on directly. A training reward that rises while the exact score falls is reward "
-                "hacking. One standard error on 256 prompts is about 0.017 for accuracy and 0.015 for the mean "
-                "score; wall times were measured with two to four training processes sharing the 2 cores "
-                "(about 1.5-2x an idle machine).\n")
-    text.append("\nThese are small runs on a laptop-class CPU: differences of a few points on 256 prompts are within "
-                "noise, and a method that does not move the needle here may do well at the paper's scale.\n")
+            f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
+            f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
+            f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    missing = [name for name in METHOD_ORDER if name not in {row["method"] for row in rows}]
+    if missing:
+        text.append(f"\nNot yet measured with this protocol: {', '.join(missing)}. Their pages say so; run "
+                    "`python -m benchmarks.method_table " + " ".join(missing[:2]) + " ...` to add them.\n")
+    text.append("\n### Per task (GenEval's categories on ShapeWorld)\n")
+    text.append("Held-out accuracy per task, base → trained (mean over seeds), and the paired gain with its 95% "
+                "interval. Tasks: single object; size (a size word); counting (two or three of one kind); two objects "
+                "(same colour, different shapes); colours (same shape, different colours); colour attribution "
+                "(different colours and shapes, each colour bound to its shape); position (a spatial relation). "
+                "The held-out split has few prompts of some tasks (n below), so their intervals are wide.\n")
+    tasks = [t for t in TASK_LABELS if any(f"task_{t}" in row["heldout"] for row in rows)]
+    first = rows[0]["heldout"]
+    text.append("| method | " + " | ".join(f"{TASK_LABELS[t]} (n={first.get(f'task_{t}', {}).get('n_prompts', '?')})"
+                                            for t in tasks) + " | task mean |")
+    text.append("|---|" + "---|" * (len(tasks) + 1))
+    for row in rows:
+        cells = []
+        for key in [f"task_{t}" for t in tasks] + ["task_mean"]:
+            cell = row["heldout"].get(key)
+            cells.append("n/a" if not cell else f"{cell['base']:.2f} → {cell['model']:.2f}<br>{_gain(cell)}")
+        text.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    text.append("\nThese are small runs on a laptop-class CPU: a method that shows no effect here may do well at "
+                "the paper's scale, and the intervals say how much a difference of a few points can be trusted.\n")
     return "\n".join(text) + "\n"
 
 
 def method_measurements(bib_key: str) -> str | None:
-    """The method-table rows of the methods implementing ``bib_key``, as a section for its method page."""
+    """The measured rows of the methods implementing ``bib_key``, as a section for its method page."""
     data = _load("methods")
-    rows = [row for row in (data or {}).get("rows", {}).values() if row.get("bib_key") == bib_key]
+    rows = [row for row in _measured_rows(data) if row.get("bib_key") == bib_key]
     if not rows:
         return None
     text = ["## Measured in the atlas\n",
-            f"Generated from `benchmarks/results/methods.json` (`python -m benchmarks.method_table`), "
-            f"machine: {_machine(data)}. Held-out ShapeWorld prompts (256), exact evaluator, deterministic "
-            "20-step sampler; one standard error is about 0.02 on either number. All methods side by side: "
-            "[Measured results](../results.md).\n",
-            "| run | accuracy before → after | mean score before → after | training reward first → last "
-            "| samples / pairs | wall time (s) |",
-            "|---|---|---|---|---|---|"]
+            f"Generated from `benchmarks/results/methods.json` (`python -m benchmarks.method_table`), machine: "
+            f"{_machine(data)}. " + PROTOCOL + " All methods side by side: [Measured results](../results.md).\n",
+            "| run | seeds | held-out accuracy: base → trained | gain [95% CI] | verdict "
+            "| matched score gain | trained reward gain | minutes / run |",
+            "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        text.append(f"| `{row['command']}` | {_fmt(row['heldout_accuracy_before'])} → "
-                    f"{_fmt(row['heldout_accuracy_after'])} | {_fmt(row.get('heldout_score_before'))} → "
-                    f"{_fmt(row.get('heldout_score_after'))} | {_fmt(row.get('reward_first'))} → "
-                    f"{_fmt(row.get('reward_last'))} | {_fmt(row.get('samples_seen'))} "
-                    f"| {_fmt(row.get('train_wall_s'), 0)} |")
+        accuracy = row["heldout"]["accuracy"]
+        text.append(f"| `{row['command']}` | {', '.join(map(str, row['seeds']))} | {_fmt(accuracy['base'])} → "
+                    f"{_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
+                    f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
+                    f"| {_fmt(row['minutes_per_run'], 1)} |")
+        seeds = "; ".join(f"seed {s['seed']}: {_gain(s['accuracy'])}" for s in row.get("per_seed", []))
+        if seeds:
+            text.append(f"\nEach seed on its own (held-out accuracy gain, 95% CI over prompts): {seeds}.\n")
     return "\n".join(text) + "\n"
 
 
@@ -188,31 +237,34 @@ def results_page() -> str:
     return "\n".join(parts)
 
 
-def methods_figure_png(data: dict[str, Any]) -> bytes:
-    """Before -> after arrows per method: held-out accuracy and mean score, grouped in family order."""
+def curves_figure_png(data: dict[str, Any]) -> bytes:
+    """Held-out accuracy against samples seen per method: mean over seeds and the range of the seeds."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = sorted(data["rows"].values(), key=_family_order)
-    figure = Figure(figsize=(10, 0.38 * len(rows) + 1.4), dpi=110, layout="constrained")
+    rows = [row for row in _measured_rows(data) if any(s.get("curve") for s in row.get("per_seed", []))]
+    columns = min(4, max(1, len(rows)))
+    grid_rows = (len(rows) + columns - 1) // columns
+    figure = Figure(figsize=(3.2 * columns, 2.5 * grid_rows + 0.6), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2, sharey=True)
-    positions = list(range(len(rows)))[::-1]
-    for ax, key, title in ((axes[0], "accuracy", "held-out accuracy"), (axes[1], "score", "held-out mean score")):
-        for y, row in zip(positions, rows):
-            before, after = row[f"heldout_{key}_before"], row[f"heldout_{key}_after"]
-            colour = "#2e7d32" if after > before else "#c62828" if after < before else "#757575"
-            ax.annotate("", xy=(after, y), xytext=(before, y),
-                        arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.8))
-            ax.plot([before], [y], "o", color="#9e9e9e", ms=4)
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-        values = [row[f"heldout_{key}_{when}"] for row in rows for when in ("before", "after")]
-        margin = 0.05 * (max(values) - min(values) or 1.0)
-        ax.set_xlim(min(values) - margin, max(values) + margin)
-    axes[0].set_yticks(positions, [f"{row['method']} ({row['reward']})" for row in rows])
-    figure.suptitle("Each method's cpu preset: grey dot = base model, arrow head = after training (exact evaluator)")
+    axes = figure.subplots(grid_rows, columns, squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        curves = [s["curve"] for s in row["per_seed"] if s.get("curve")]
+        length = min(len(c) for c in curves)
+        samples = np.array([point["samples_seen"] for point in curves[0][:length]])
+        values = np.array([[point["accuracy"] for point in c[:length]] for c in curves])
+        ax.fill_between(samples, values.min(axis=0), values.max(axis=0), alpha=0.25, color="#1565c0", lw=0)
+        ax.plot(samples, values.mean(axis=0), marker="o", ms=3, color="#1565c0")
+        ax.set_title(f"{row['method']} ({len(curves)} seeds)", fontsize=9)
+        ax.set_xlabel("samples seen", fontsize=8)
+        ax.set_ylabel("held-out accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    figure.suptitle("Held-out accuracy during training (in-run evaluation, 128 prompts): mean and range over seeds",
+                    fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -227,9 +279,9 @@ def _write_if_changed(target: Path, content: bytes) -> None:
 
 def write(docs_dir: Path) -> list[dict[str, str]]:
     data = _load("methods")
-    figure = docs_dir / FIGURE
-    if data and data.get("rows"):
-        _write_if_changed(figure, methods_figure_png(data))
+    figure = docs_dir / CURVES
+    if _measured_rows(data):
+        _write_if_changed(figure, curves_figure_png(data))
     elif figure.exists():
         figure.unlink()
     _write_if_changed(docs_dir / PAGE, results_page().encode("utf-8"))
