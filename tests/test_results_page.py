@@ -9,6 +9,7 @@ import pytest
 from reference_impls.knowledge import results_page, sitegen
 from reference_impls.knowledge.catalog import load_catalog
 
+
 def _cell(base: float, model: float, low: float, high: float, n: int = 156) -> dict:
     return {"base": base, "model": model, "diff": model - base, "ci_low": low, "ci_high": high, "n_prompts": n,
             "significant": low > 0 or high < 0}
