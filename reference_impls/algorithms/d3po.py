@@ -127,7 +127,7 @@ def step_stds(policy: GenerativePolicy, sampler: SamplerConfig, schedule: Schedu
 def eligible_steps(policy: GenerativePolicy, sampler: SamplerConfig, schedule: Schedule, min_std: float) -> list[int]:
     """Stochastic steps whose noise std is at least ``min_std``.
 
-    On our cosine schedule the last DDIM step has std 0.006 (it targets alpha_bar_0 = 0.99997): its
+    On our cosine schedule the last DDIM step has std 0.006 (it targets alpha_bar_0 = 0.999959): its
     log-probability gradient, proportional to 1/std, would outweigh every other step's a hundredfold
     while the step changes nothing visible.
     """
