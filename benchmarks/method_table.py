@@ -43,6 +43,8 @@ from reference_impls.rewards import REWARDS, get_reward
 from reference_impls.training import build_config, train
 
 RESULTS = RESULTS_DIR / "methods.json"
+GRIDS = RESULTS_DIR / "grids"
+GRID_PROMPTS = 8
 HELDOUT_DRAWS = 2
 TRAIN_PROMPTS = 128
 EVAL_STEPS = 20
@@ -136,6 +138,19 @@ def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool) -> 
     return record
 
 
+def before_after_grid(name: str, base: str, trained: Path, out: Path) -> None:
+    """Base (top row) and trained model (bottom row) on the same held-out prompts and initial noise."""
+    from reference_impls.evaluation import generate, save_grid
+
+    prompts = comparison_prompts("heldout")[::19][:GRID_PROMPTS]
+    images = []
+    for model in (base, trained):
+        policy = load_policy(str(model))
+        images.append(generate(policy, prompts, default_eval_sampler(policy, EVAL_STEPS), SCORE_SEED))
+    labels = [f"base: {p}" for p in prompts] + [f"{name}: {p}" for p in prompts]
+    save_grid(torch.cat(images), out, columns=GRID_PROMPTS, scale=4, labels=labels)
+
+
 def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path) -> dict:
     """Aggregate the seeds of one method into the results row (gains with 95% CIs over seeds and prompts)."""
     cls = METHODS[name]
@@ -205,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({accuracy['diff']:+.3f}, 95% CI [{accuracy['ci_low']:+.3f}, {accuracy['ci_high']:+.3f}]) "
               f"over seeds {row['seeds']}")
         if not args.quick:
+            before_after_grid(name, row["model"], out_root / name / f"seed{args.seeds[0]}" / "final",
+                              GRIDS / f"{name}.png")
+            row["grid"] = f"grids/{name}.png"
             existing = merge_row(name, row)
     if existing:
         rows = [[r["method"], r["reward"], r["heldout"]["accuracy"]["base"], r["heldout"]["accuracy"]["diff"],

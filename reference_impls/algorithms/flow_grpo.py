@@ -57,6 +57,14 @@ class FlowGRPOConfig(GRPOConfig):
     """Fraction of the trainable denoising steps each sample trains on."""
     train_last_step: bool = False
     """Also train the final SDE step (the public configs train the first T-1 steps only)."""
+    sde_steps: int = 0
+    """Sample with the SDE in the first N steps only and with the ODE after them, and train those N (0 = the
+    SDE at every step, the paper). Every reward difference inside a group then comes from trained steps."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.sde_steps <= self.num_steps:
+            raise ValueError(f"--sde-steps must be between 0 and --num-steps {self.num_steps}, got {self.sde_steps}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -87,8 +95,10 @@ class FlowGRPO(Method):
     def sampler(self) -> SamplerConfig:
         """The training sampler: the flow SDE at every step, with few steps (denoising reduction)."""
         config = self.config
+        window = (0, config.sde_steps) if config.sde_steps else None
         return SamplerConfig("sde", num_steps=config.num_steps, noise_level=config.noise_level,
-                             guidance_scale=config.guidance_scale, reduction=config.reduction)  # type: ignore[arg-type]
+                             guidance_scale=config.guidance_scale, reduction=config.reduction,  # type: ignore[arg-type]
+                             stochastic_window=window)
 
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
@@ -101,8 +111,8 @@ class FlowGRPO(Method):
         # 2. Group-relative advantages: each image against the other images of its prompt.
         advantages = grpo_advantages(batch.rewards, config)
         # 3. Update: clipped ratio at every trained step + beta * KL to the reference on the step means.
-        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std,
-                               skip_last=not config.train_last_step)
+        skip_last = not config.train_last_step and config.sde_steps in (0, config.num_steps)
+        steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std, skip_last)
         update = grpo_update(self, batch.trajectory, advantages, steps, config, ctx.rng, self.reference)
         # --8<-- [end:train_step]
         return {

@@ -108,6 +108,14 @@ def _methods_section() -> str:
             f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
             f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
             f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    gridded = [row for row in rows if row.get("grid")]
+    if gridded:
+        text.append("\n### Before and after, same prompts and noise\n")
+        text.append("Top row: the base model; bottom row: the model trained with seed 0; eight held-out prompts, the "
+                    "same initial noise and deterministic sampler for both.\n")
+        for row in gridded:
+            text.append(f"**{row['method']}**\n\n![{row['method']}: base (top) and trained (bottom) on the same "
+                        f"held-out prompts and noise](assets/results/{row['grid']})\n")
     missing = [name for name in METHOD_ORDER if name not in {row["method"] for row in rows}]
     if missing:
         text.append(f"\nNot yet measured with this protocol: {', '.join(missing)}. Their pages say so; run "
@@ -155,6 +163,9 @@ def method_measurements(bib_key: str) -> str | None:
         seeds = "; ".join(f"seed {s['seed']}: {_gain(s['accuracy'])}" for s in row.get("per_seed", []))
         if seeds:
             text.append(f"\nEach seed on its own (held-out accuracy gain, 95% CI over prompts): {seeds}.\n")
+        if row.get("grid"):
+            text.append(f"![Base (top) and trained with seed 0 (bottom), same held-out prompts and noise]"
+                        f"(../assets/results/{row['grid']})\n")
     return "\n".join(text) + "\n"
 
 
@@ -280,9 +291,14 @@ def _write_if_changed(target: Path, content: bytes) -> None:
 def write(docs_dir: Path) -> list[dict[str, str]]:
     data = _load("methods")
     figure = docs_dir / CURVES
-    if _measured_rows(data):
+    rows = _measured_rows(data)
+    if rows:
         _write_if_changed(figure, curves_figure_png(data))
     elif figure.exists():
         figure.unlink()
+    for row in rows:
+        source = repo_root() / "benchmarks" / "results" / row.get("grid", "-")
+        if row.get("grid") and source.is_file():
+            _write_if_changed(docs_dir / "assets" / "results" / row["grid"], source.read_bytes())
     _write_if_changed(docs_dir / PAGE, results_page().encode("utf-8"))
     return [{"Measured results": PAGE}]
