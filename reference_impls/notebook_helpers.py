@@ -101,3 +101,48 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "samples_seen": records[-1].get("samples_seen"),
         "wall_s": records[-1].get("wall_s"),
     }
+
+
+def show_measured(method: str):  # noqa: ANN201
+    """The committed full-run result of ``method`` (benchmarks/results/methods.json): the paired comparison
+    with its base over seeds, the held-out accuracy curves, and the before/after grid. Returns the figure, or
+    None (with a message) when the method has not been measured with the paired protocol yet."""
+    import json
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from reference_impls.knowledge.paths import repo_root
+
+    results = repo_root() / "benchmarks" / "results"
+    path = results / "methods.json"
+    row = json.loads(path.read_text(encoding="utf-8")).get("rows", {}).get(method) if path.exists() else None
+    if not row or "heldout" not in row:
+        print(f"{method} has not been measured with the paired protocol yet: "
+              f"python -m benchmarks.method_table {method} --seeds 0 1 2")
+        return None
+    accuracy = row["heldout"]["accuracy"]
+    verdict = ("up" if accuracy["ci_low"] > 0 else "down") if accuracy["significant"] else "no effect"
+    print(f"{row['command']}  ({len(row['seeds'])} seeds, {row['minutes_per_run']:.1f} min per run)")
+    print(f"held-out accuracy {accuracy['base']:.3f} -> {accuracy['model']:.3f}: {accuracy['diff']:+.3f}, "
+          f"95% CI [{accuracy['ci_low']:+.3f}, {accuracy['ci_high']:+.3f}] ({verdict}; paired, same prompts and noise)")
+    reward = row.get("train_reward")
+    if reward:
+        print(f"trained reward ({row['reward']}) on 128 training prompts: {reward['diff']:+.3f}, "
+              f"95% CI [{reward['ci_low']:+.3f}, {reward['ci_high']:+.3f}]")
+    grid = results / row["grid"] if row.get("grid") else None
+    fig, axes = plt.subplots(1, 2 if grid and grid.exists() else 1, figsize=(13, 3.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.4]} if grid and grid.exists() else None)
+    for seed in row["per_seed"]:
+        curve = seed.get("curve") or []
+        axes[0, 0].plot([p["samples_seen"] for p in curve], [p["accuracy"] for p in curve], marker="o", ms=3,
+                        label=f"seed {seed['seed']}")
+    axes[0, 0].set_xlabel("samples seen")
+    axes[0, 0].set_ylabel("held-out accuracy (in-run)")
+    axes[0, 0].legend(fontsize=8)
+    if grid and grid.exists():
+        axes[0, 1].imshow(Image.open(grid))
+        axes[0, 1].set_title("base (top) and trained, seed 0 (bottom): same prompts and noise", fontsize=9)
+        axes[0, 1].axis("off")
+    fig.tight_layout()
+    return fig

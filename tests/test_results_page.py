@@ -88,3 +88,23 @@ def test_write_draws_the_curves_figure_and_removes_it_without_data(fake_results:
     fake_results.clear()
     results_page.write(tmp_path)
     assert not figure.exists() and "Not measured yet" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
+
+
+def test_notebooks_show_the_committed_measurement_or_say_it_is_missing(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from reference_impls import notebook_helpers
+    from reference_impls.knowledge import paths
+
+    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path)
+    assert notebook_helpers.show_measured("ddpo") is None
+    assert "has not been measured" in capsys.readouterr().out
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "methods.json").write_text(json.dumps({"rows": {"ddpo": ROW}}), encoding="utf-8")
+    figure = notebook_helpers.show_measured("ddpo")
+    out = capsys.readouterr().out
+    assert figure is not None and "+0.100, 95% CI [+0.050, +0.150] (up" in out
