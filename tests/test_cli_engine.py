@@ -45,6 +45,11 @@ def test_eval_reports_per_criterion_accuracy(capsys):
         (["train", "ddpo", "--reward", "aesthetics"], "Valid rewards"),
         (["train", "ddpo", "--preset", "laptop"], "valid presets"),
         (["train", "ddpo", "--model", "shapes-diffusion", "--steps", "0"], "--steps must be >= 1"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-diffusion"], "same sampler"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--split", "dev"], "valid splits"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--reward", "beauty"], "Valid rewards"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--samples-per-prompt", "0"], ">= 1"),
+        (["pretrain", "--model", "flow", "--init-from", "no/such/folder", "--out", "x.png"], "no such checkpoint"),
     ],
 )
 def test_bad_input_exits_2_with_what_is_allowed(args, expected, tmp_path):
@@ -52,6 +57,17 @@ def test_bad_input_exits_2_with_what_is_allowed(args, expected, tmp_path):
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compare_prints_paired_rows_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--split", "train", "--n", "4",
+                 "--steps", "4", "--reward", "shapes-composition", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "paired comparison" in text and "no effect" in text and "task_mean" in text
+    report = json.loads(out.read_text())
+    assert report["n_prompts"] == 4 and report["samples_per_prompt"] == 2
+    assert report["rows"]["accuracy"]["diff"] == 0.0 and report["rows"]["reward"]["ci_high"] == 0.0
 
 
 def test_unknown_method_exits_2_and_lists_methods():

@@ -128,7 +128,7 @@ def test_gaussian_mean_kl_matches_the_closed_form():
 
 
 def test_kl_term_is_zero_for_the_same_weights_and_the_closed_form_after_a_change():
-    method = _method(FlowGRPO, FlowGRPOConfig, kl_coef=0.5)
+    method = _method(FlowGRPO, FlowGRPOConfig, kl_coef=0.5, kl_form="exact")
     trajectory = rollout(method.policy, ["a red circle"] * 4, method.sampler(), torch.Generator().manual_seed(0))
     steps = torch.tensor([0, 1, 2, 3])
     advantages = torch.zeros(4)
@@ -143,20 +143,50 @@ def test_kl_term_is_zero_for_the_same_weights_and_the_closed_form_after_a_change
     by_hand = (((new.mean - ref.mean) ** 2) / (2 * new.std**2)).flatten(1).mean(1).mean().detach()
     assert kl == pytest.approx(float(by_hand), rel=1e-5) and kl > 0
     assert loss.item() == pytest.approx(0.5 * float(by_hand), rel=1e-5)  # A = 0: the loss is beta * KL
+    # The official scaling divides by 2 sigma_t^2 instead of 2 sigma_t^2 dt: the exact KL times each step's dt.
+    method.config.kl_form = "official"
+    per_sample = (((new.mean - ref.mean) ** 2) / (2 * new.std**2)).flatten(1).mean(1).detach()
+    schedule = trajectory.schedule
+    dt = (schedule.sigma - schedule.sigma_next)[steps]
+    _, _, official = grpo_step_loss(method, trajectory, steps, advantages, method.config, method.reference)
+    assert official == pytest.approx(float((per_sample * dt).mean()), rel=1e-5)
+    assert official == pytest.approx(kl / 4, rel=1e-5)  # 4 uniform steps: dt = 1/4 everywhere
 
 
 # --------------------------------------------------------------------------------------------------------
 # Flow-GRPO and the ratio at the first inner step
 # --------------------------------------------------------------------------------------------------------
 
-def test_flow_grpo_step_has_ratio_one_first_and_trains_every_sde_step():
+def test_flow_grpo_step_has_ratio_one_first_and_skips_the_last_step_as_the_public_configs():
     method = _method(FlowGRPO, FlowGRPOConfig, kl_coef=0.04, minibatch_size=2)
     metrics = method.train_step(step_context(0, 0))
     assert metrics["ratio_first"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["trained_steps"] == 4.0
+    assert metrics["trained_steps"] == 3.0
     assert metrics["kl_to_reference"] >= 0.0
+    every = _method(FlowGRPO, FlowGRPOConfig, train_last_step=True).train_step(step_context(0, 0))
+    assert every["trained_steps"] == 4.0
     with pytest.raises(ValueError, match="flow"):
         _method(FlowGRPO, FlowGRPOConfig, kind="diffusion")
+
+
+def test_flow_grpo_sde_steps_sample_and_train_only_the_first_steps():
+    method = _method(FlowGRPO, FlowGRPOConfig, sde_steps=2, min_step_std=0.0)
+    trajectory = rollout(method.policy, ["a red circle"] * 4, method.sampler(), torch.Generator().manual_seed(0))
+    assert trajectory.schedule.stochastic.tolist() == [True, True, False, False]
+    steps = training_steps(trajectory, 1.0, np.random.default_rng(0))
+    assert sorted(set(steps.flatten().tolist())) == [0, 1]
+    assert method.train_step(step_context(0, 0))["trained_steps"] == 2.0
+    with pytest.raises(ValueError, match="sde-steps"):
+        _method(FlowGRPO, FlowGRPOConfig, sde_steps=9)
+
+
+def test_min_step_std_leaves_out_the_quiet_late_steps():
+    method = _method(FlowGRPO, FlowGRPOConfig, num_steps=8, batch_size=2, minibatch_size=2)
+    trajectory = rollout(method.policy, ["a red circle"] * 2, method.sampler(), torch.Generator().manual_seed(0))
+    stds = trajectory.step_stds
+    kept = training_steps(trajectory, 1.0, np.random.default_rng(0), min_std=0.3)
+    assert sorted(kept[0].tolist()) == [i for i in range(8) if stds[i] >= 0.3]
+    assert 0 < kept.shape[1] < 8
 
 
 # --------------------------------------------------------------------------------------------------------
