@@ -54,6 +54,11 @@ class TrainConfig:
     """Write an atomic checkpoint every this many steps (and at the end)."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank on the denoiser's attention projections instead of every weight
+    (0 = full fine-tuning). The final model folder holds the merged weights."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank) B A (0 = lora_rank, a scale of 1)."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -63,6 +68,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
 
 
 @cache

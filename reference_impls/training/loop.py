@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts, save_grid
+from reference_impls.models.lora import has_lora, merged_state_dict
 from reference_impls.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -181,7 +182,13 @@ def _save_final(method: Method, run: RunDirectory) -> None:
     if partial.exists():
         shutil.rmtree(partial)
     shutil.copytree(base, partial, ignore=shutil.ignore_patterns("unet", "provenance.json"))
-    policy.denoiser.save_pretrained(partial / "unet", safe_serialization=True)
+    denoiser = policy.denoiser
+    if has_lora(denoiser):
+        # Fold the adapters into the weights: the final folder is a plain model any loader reads.
+        plain = type(denoiser).from_config(denoiser.config)
+        plain.load_state_dict(merged_state_dict(denoiser))
+        denoiser = plain
+    denoiser.save_pretrained(partial / "unet", safe_serialization=True)
     meta = json.loads((partial / MODEL_FILE).read_text(encoding="utf-8"))
     meta["finetuned_from"] = method.config.model
     meta["method"] = method.name

@@ -64,6 +64,10 @@ class Method:
             valid = [n for n, r in REWARDS.items() if r.differentiable]
             raise ValueError(f"{self.name} backpropagates through the reward, and {self.reward.name!r} is not "
                              f"differentiable; differentiable rewards: {', '.join(valid)}")
+        if self.config.lora_rank:
+            from reference_impls.models.lora import add_lora
+
+            add_lora(self.policy.denoiser, self.config.lora_rank, self.config.lora_alpha or None)
         self.policy.denoiser.train()
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
                                            weight_decay=1e-4)
