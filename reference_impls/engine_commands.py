@@ -34,7 +34,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown world {args.world!r}; valid worlds: shapes")
     _set_threads(args.threads)
     config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                            seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from)
+                            seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
+                            stop_after=args.stop_after)
     if args.init_from and not Path(args.init_from).is_dir():
         raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
@@ -271,6 +272,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=["diffusion", "flow"], required=True, help="model kind")
     p.add_argument("--steps", type=int, default=1800, help="optimiser steps (the run is deterministic in them)")
     p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (replays a run a --minutes cap ended)")
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")

@@ -41,6 +41,8 @@ class PretrainConfig:
     """Optimiser steps; the run is deterministic in this number (``minutes`` only caps it)."""
     minutes: float | None = None
     """Optional wall-clock cap; the provenance records the steps actually reached."""
+    stop_after: int | None = None
+    """Stop after this many steps of the ``steps``-long schedule: replays a run that a ``minutes`` cap ended."""
     batch_size: int = 48
     """Images per step, rendered on the fly from train-split prompts."""
     learning_rate: float = 1e-3
@@ -154,6 +156,8 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if config.minutes is not None and time.perf_counter() - start > 60 * config.minutes:
+            break
+        if config.stop_after is not None and step + 1 >= config.stop_after:
             break
     if bar is not None:
         bar.close()
