@@ -21,8 +21,10 @@ $$
 - \beta\, D_\mathrm{KL}\big(\pi_\theta(\cdot \mid x^i_t, c) \,\|\, \pi_\text{ref}(\cdot \mid x^i_t, c)\big)\Big)\Big],
 $$
 
-$A_i = (r_i - \mathrm{mean}_G\, r) / \mathrm{std}_G\, r$, and the KL between the two Gaussian steps is exact,
-$\lVert\mu_\theta - \mu_\text{ref}\rVert^2 / (2\sigma_t^2\Delta t)$. *Denoising reduction*: training samples
+$A_i = (r_i - \mathrm{mean}_G\, r) / \mathrm{std}_G\, r$. The KL between the two Gaussian steps is
+$\lVert\mu_\theta - \mu_\text{ref}\rVert^2 / (2\sigma_t^2\Delta t)$ exactly; the public code (and our default,
+``kl_form = "official"``) divides by $2\sigma_t^2$ only, i.e. weighs the exact KL by $\Delta t$. As in the public
+configs the last step is not trained (``train_last_step``). *Denoising reduction*: training samples
 use few steps (here ``num_steps``, e.g. 8-10) while evaluation keeps the deterministic ODE with more
 (20 in the training loop's evaluation), since the reward only has to rank the group's images.
 """
