@@ -312,13 +312,14 @@ def test_tempflow_step_trains_one_branch_step_per_sample_with_ratio_one_first():
 
 
 # --------------------------------------------------------------------------------------------------------
-# Smoke runs on the shipped models: JPEG compressibility (DDPO's first task) rises within the smoke preset,
-# and the same seed gives the same metrics
+# Smoke runs on the shipped models: JPEG incompressibility (one of DDPO's tasks) rises within the smoke preset,
+# and the same seed gives the same metrics. (The stage-2 base draws clean flat shapes on white, already close to
+# the most compressible image; incompressibility has room to rise in a few iterations.)
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo"])
 def test_smoke_run_raises_the_reward_with_ratio_one_at_the_first_inner_step(method: str, tmp_path):
-    records = run_smoke(method, "jpeg-compressibility", tmp_path / "run")
+    records = run_smoke(method, "jpeg-incompressibility", tmp_path / "run")
     rewards = training_rewards(records)
     assert len(rewards) >= 4
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
