@@ -50,7 +50,8 @@ bench: install
 	$(PY) -m benchmarks.rollout_overhead
 	$(PY) -m benchmarks.update_overhead
 	$(PY) -m benchmarks.grpo_step_cost
-	$(PY) -m benchmarks.method_table
+	$(PY) -m benchmarks.dpok_kl_share
+	$(PY) -m benchmarks.method_table --seeds 0 1 2
 
 clean:
 	rm -rf site build docs/methods docs/families docs/taxonomy.md docs/bibliography.md docs/notebooks docs/assets/generated docs/assets/mathjax
