@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the runs and the base's scoring alike; the machine record reports it
     out_root = Path(args.out)
     existing = None
     for name in args.methods or list(METHODS):
