@@ -313,7 +313,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval)
 
     p = subparsers.add_parser(
-        "compare", help="paired comparison of fine-tuned model(s) with their base, with 95% bootstrap CIs",
+        "compare", help="paired comparison of fine-tuned model(s) with their base, with 95%% bootstrap CIs",
         description="Both models draw images for the same prompts from the same initial noise with the same "
                     "deterministic sampler; differences are averaged per prompt and bootstrapped over prompts "
                     "(and over models, when several seeds are given), stratified by task.")

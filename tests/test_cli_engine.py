@@ -85,3 +85,11 @@ def test_train_help_documents_method_flags():
     result = run_cli("train", "ddpo", "--help")
     assert result.returncode == 0
     assert "--clip-range" in result.stdout and "PPO clip epsilon" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["compare"], ["eval"], ["cite"], ["catalog"], ["bench"], ["pretrain"]])
+def test_every_help_page_renders(command: list[str]):
+    # argparse formats help strings with %, so one stray "95%" breaks `rlvg --help` for everybody.
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: rlvg" in result.stdout
