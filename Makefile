@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install serve site notebooks test browser lint bench clean
+.PHONY: install serve site notebooks lab test browser lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ site: notebooks
 serve: site
 	@echo "Serving the atlas on http://127.0.0.1:$(PORT) (Ctrl-C to stop)"
 	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory site
+
+# Open the notebooks in JupyterLab (installed by the set-up), from the repository root as the notebooks expect.
+lab: install
+	$(VENV)/bin/jupyter lab --notebook-dir=. notebooks/
 
 # Debian's Chromium and ChromeDriver drive the real-browser test; installed here when absent.
 browser:
@@ -54,4 +58,4 @@ bench: install
 	$(PY) -m benchmarks.method_table --seeds 0 1 2
 
 clean:
-	rm -rf site build docs/methods docs/families docs/taxonomy.md docs/bibliography.md docs/notebooks docs/assets/generated docs/assets/mathjax
+	rm -rf site build docs/code docs/bib docs/methods docs/families docs/taxonomy.md docs/bibliography.md docs/notebooks docs/assets/generated docs/assets/mathjax

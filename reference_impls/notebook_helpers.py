@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from reference_impls.algorithms import get_method
+from reference_impls.knowledge.paths import repo_root
 from reference_impls.models import load_policy
 from reference_impls.rewards import get_reward
 from reference_impls.training import build_config, train
@@ -38,7 +39,9 @@ def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", se
     torch.set_num_threads(1)  # tiny models: extra threads only add contention (papermill cell timeouts)
     policy = load_policy(config.model, device=device)
     instance = cls(policy=policy, reward=get_reward(config.reward), config=config)
-    out = Path(out_root) / f"{method}-{reward}-{preset}-seed{seed}"
+    # Relative to the repository root, not the kernel's directory: JupyterLab starts kernels in notebooks/.
+    root = Path(out_root) if Path(out_root).is_absolute() else repo_root() / out_root
+    out = root / f"{method}-{reward}-{preset}-seed{seed}"
     if out.exists():
         shutil.rmtree(out)
     records = train(instance, out, progress=True)

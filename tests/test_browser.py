@@ -189,3 +189,33 @@ def test_formula_renders_with_local_mathjax(browser, site_url: str, built_site: 
     ]
     assert sources and all(src.startswith(site_url) for src in sources), sources
     browser.save_screenshot(str(ARTIFACTS / "formula.png"))
+
+
+def test_taxonomy_shows_every_modality_column_at_1400px(browser, site_url: str, catalog) -> None:
+    browser.set_window_size(1400, 900)
+    try:
+        visit(browser, site_url + "taxonomy/", "taxonomy-1400")
+        table = browser.find_element(By.CSS_SELECTOR, "table.taxonomy")
+        right_edge = browser.execute_script(
+            "var r = arguments[0].getBoundingClientRect(); return Math.min(r.right, window.innerWidth);", table)
+        headers = table.find_elements(By.CSS_SELECTOR, "thead th")
+        labels = [catalog.vocabulary.label("modality", m) for m in catalog.matrix_modalities()]
+        assert [h.text for h in headers[1:]] == labels
+        for header in headers:
+            box = browser.execute_script("return arguments[0].getBoundingClientRect().right;", header)
+            assert box <= right_edge + 1, f"column {header.text!r} is cut off at 1400 px ({box} > {right_edge})"
+        # The filter hides catalogued-only names and keeps the implemented (bold) ones.
+        implemented = {e.name for e in catalog.methods() if e.implemented}
+        browser.find_element(By.ID, "rlvg-implemented-only").click()
+        shown = {a.text for a in table.find_elements(By.CSS_SELECTOR, "td a") if a.is_displayed()}
+        assert shown == implemented
+    finally:
+        browser.set_window_size(1366, 900)
+
+
+def test_section_indexes_open_from_the_tabs(browser, site_url: str) -> None:
+    for section, heading in (("methods/", "Methods"), ("notebooks/", "Notebooks")):
+        visit(browser, site_url + section, section.strip("/"))
+        assert browser.find_element(By.CSS_SELECTOR, "article h1").text.startswith(heading)
+    links = browser.find_elements(By.CSS_SELECTOR, "article a[download]")
+    assert links, "the notebooks index offers no .ipynb download"

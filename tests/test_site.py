@@ -13,6 +13,8 @@ import pytest
 
 from reference_impls.knowledge.catalog import load_catalog
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # <link rel=...> values that make the browser fetch the target; canonical/alternate links are only names.
 FETCHING_RELS = {
     "stylesheet",
@@ -189,7 +191,8 @@ def test_generate_is_fast_idempotent_and_cleans_up(tmp_path: Path, catalog) -> N
     assert {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()} == first
     # Unchanged files are not rewritten, so `mkdocs serve` does not rebuild on its own output.
     assert {p: p.stat().st_mtime_ns for p in docs.rglob("*") if p.is_file()} == mtimes
-    methods = [page for section in nav["Methods"] for pages in section.values() for page in pages]
+    assert nav["Methods"][0] == "methods/index.md"  # the tab opens the section's index
+    methods = [page for section in nav["Methods"][1:] for pages in section.values() for page in pages]
     assert len(methods) == len(catalog.methods())
     assert nav["Taxonomy"][0] == "taxonomy.md" and nav["Bibliography"] == ["bibliography.md"]
 
@@ -219,3 +222,45 @@ def test_handwritten_pages_are_included(tmp_path: Path, catalog) -> None:
     assert "Catalogued, not implemented" in (docs / "methods" / f"{other.key}.md").read_text(
         encoding="utf-8"
     ) or (other.implemented)
+
+
+def test_no_page_shows_a_path_of_the_build_machine(built_site: Path) -> None:
+    from reference_impls.knowledge.notebooks import machine_paths
+
+    paths = [p for p in machine_paths() if len(p) > 4]
+    offenders = {}
+    for page in built_site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        found = [p for p in paths if p in text]
+        if found:
+            offenders[page.relative_to(built_site).as_posix()] = found
+    assert not offenders, offenders
+
+
+def test_notebook_pages_are_clean_and_linked(built_site: Path, catalog) -> None:
+    docs = REPO_ROOT / "docs" / "notebooks"
+    for entry in catalog.implemented():
+        if not entry.notebook:
+            continue
+        name = Path(entry.notebook).stem
+        page = (docs / f"{name}.md").read_text(encoding="utf-8")
+        assert page.startswith("# "), f"{name}: the title must come first"
+        assert f"../methods/{entry.key}.md" in page and f"({name}.ipynb)" in page
+        assert "![png]" not in page and "TqdmWarning" not in page and "# Parameters" not in page
+        assert (built_site / "notebooks" / f"{name}.ipynb").is_file()
+
+
+def test_bibtex_downloads_parse_and_cover_the_bibliography(built_site: Path, catalog) -> None:
+    import bibtexparser
+
+    everything = bibtexparser.parse_string((built_site / "bib" / "rlvg-atlas.bib").read_text(encoding="utf-8"))
+    assert {e.key for e in everything.entries} == {e.key for e in catalog.entries}
+    grpo = bibtexparser.parse_string((built_site / "bib" / "family-grpo.bib").read_text(encoding="utf-8"))
+    assert {e.key for e in grpo.entries} == {e.key for e in catalog.select("grpo")}
+    html = (built_site / "bibliography" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r'href="(\.\./)?bib/rlvg-atlas\.bib" download', html), "no download link on the bibliography page"
+
+
+def test_site_url_is_not_pinned_to_loopback() -> None:
+    text = (REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert "127.0.0.1" not in text.split("site_url:")[1].splitlines()[0]

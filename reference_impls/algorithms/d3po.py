@@ -1,6 +1,6 @@
 r"""D3PO: direct preference optimisation on the denoising steps of sampled pairs (Yang et al., 2024).
 
-Bib key: ``yang2024d3po``.
+Bib key: ``yang2023d3po``.
 
 Online: for each prompt $c$, two trajectories are sampled from the **same initial noise** $x_T$ with the
 current model (DDIM with $\eta = 1$); a rater (here the synthetic labeller: the exact evaluator's score
@@ -145,7 +145,7 @@ class D3PO(Method):
     """D3PO: pairs from a shared initial noise, labelled by the synthetic rater, DPO on every step."""
 
     name: ClassVar[str] = "d3po"
-    bib_key: ClassVar[str] = "yang2024d3po"
+    bib_key: ClassVar[str] = "yang2023d3po"
     config_class: ClassVar[type] = D3POConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     config: D3POConfig

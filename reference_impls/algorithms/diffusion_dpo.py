@@ -1,6 +1,6 @@
 r"""Diffusion-DPO: direct preference optimisation on offline image pairs (Wallace et al., 2024).
 
-Bib key: ``wallace2024diffusiondpo``.
+Bib key: ``wallace2023diffusiondpo``.
 
 Given pairs $(c, x^w_0, x^l_0)$ where $x^w_0$ was preferred, noise both images with the *same* timestep
 $t \sim \mathcal U\{0, \dots, 999\}$ and the *same* noise $\epsilon$, and compare how much better the
@@ -189,7 +189,7 @@ class DiffusionDPO(Method):
     """Diffusion-DPO: offline pairs, shared noise and timestep per pair, frozen reference."""
 
     name: ClassVar[str] = "diffusion-dpo"
-    bib_key: ClassVar[str] = "wallace2024diffusiondpo"
+    bib_key: ClassVar[str] = "wallace2023diffusiondpo"
     config_class: ClassVar[type] = DiffusionDPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     config: DiffusionDPOConfig

@@ -1,6 +1,6 @@
 r"""DRaFT-K: direct reward fine-tuning through the last K sampling steps (Clark et al., 2024).
 
-Bib key: ``clark2024draft``.
+Bib key: ``clark2023draft``.
 
 Write the sampler as $T$ steps $x_{t-1} = f_\theta(x_t, t, c, z_t)$ from noise $x_T$ to the image $x_0$
 ($z_t$ the step's injected noise). DRaFT maximises $J(\theta) = \mathbb{E}_{c, x_T, z}[r(x_0, c)]$ by
@@ -66,7 +66,7 @@ class DRaFTK(Method):
     """DRaFT-K: backpropagate a differentiable reward through the last K steps of the sampler."""
 
     name: ClassVar[str] = "draft-k"
-    bib_key: ClassVar[str] = "clark2024draft"
+    bib_key: ClassVar[str] = "clark2023draft"
     config_class: ClassVar[type] = DRaFTKConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     needs_differentiable_reward: ClassVar[bool] = True

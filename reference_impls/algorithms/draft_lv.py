@@ -1,6 +1,6 @@
 r"""DRaFT-LV: DRaFT's lower-variance estimator for K = 1 (Clark et al., 2024).
 
-Bib key: ``clark2024draft``.
+Bib key: ``clark2023draft``.
 
 Sample $x_0$ with no gradient at all. Then re-noise it $n$ times to the noise level of the sampler's last
 step with fresh noise, run that last step again with gradient, and average the reward over the $n$
@@ -100,7 +100,7 @@ class DRaFTLV(Method):
     """DRaFT-LV: K = 1 with the last step's reward gradient averaged over n fresh noisings."""
 
     name: ClassVar[str] = "draft-lv"
-    bib_key: ClassVar[str] = "clark2024draft"
+    bib_key: ClassVar[str] = "clark2023draft"
     config_class: ClassVar[type] = DRaFTLVConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     needs_differentiable_reward: ClassVar[bool] = True

@@ -288,8 +288,22 @@ def check_entry(entry: BibEntry) -> list[DataProblem]:
                 f"year {year} is not within {MAX_KEY_YEAR_GAP} years after the year {key_year.group()} in "
                 "the key (the key's year is when the work first appeared)",
             )
+    first = arxiv_year(entry.get("eprint"))
+    if first and key_year and KEY_PATTERN.fullmatch(entry.key) and int(key_year.group()) != first:
+        problem(None, f"the key's year {key_year.group()} is not {first}, the year of arXiv:{entry.get('eprint')} "
+                      f"(the key carries the year the work first appeared; rename it, e.g. "
+                      f"{entry.key.replace(key_year.group(), str(first), 1)}, and add the old key to bib/aliases.yaml)")
     problems.extend(_check_arxiv(entry))
     return problems
+
+
+def arxiv_year(eprint: str | None) -> int | None:
+    """Year an arXiv id was first posted: 2305.13301 -> 2023, cs/0101001 -> 2001 (None if not an id)."""
+    if not eprint or not is_arxiv_id(eprint):
+        return None
+    digits = eprint.split("/")[-1][:2]
+    year = int(digits)
+    return 1900 + year if year >= 91 else 2000 + year
 
 
 def _check_arxiv(entry: BibEntry) -> list[DataProblem]:

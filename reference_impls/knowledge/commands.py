@@ -77,6 +77,32 @@ def _check_vocabulary_value(catalog: Catalog, field_name: str, value: str | None
         raise _usage_error(f"unknown {field_name} {value!r}.{hint} Allowed values: {', '.join(allowed)}")
 
 
+def load_aliases(path: Path | None = None) -> dict[str, str]:
+    """Old BibTeX key -> current key (``bib/aliases.yaml``): keys renamed to follow the key rule keep working."""
+    import yaml
+
+    from reference_impls.knowledge.paths import repo_root
+
+    path = path or repo_root() / "bib" / "aliases.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise _usage_error(f"{path}: must map old keys to current keys (old: new), found {type(data).__name__}")
+    return {str(old): str(new) for old, new in data.items()}
+
+
+def _resolve_aliases(keys: list[str]) -> list[str]:
+    aliases = load_aliases()
+    resolved = []
+    for key in keys:
+        if key in aliases:
+            print(f"rlvg cite: {key} is now {aliases[key]} (renamed so that the key's year is the year the "
+                  "work first appeared)", file=sys.stderr)
+        resolved.append(aliases.get(key, key))
+    return resolved
+
+
 def _check_keys(catalog: Catalog, keys: list[str]) -> None:
     unknown = [key for key in keys if key not in catalog.bibliography]
     if not unknown:
@@ -105,6 +131,7 @@ def run_cite(args: argparse.Namespace) -> int:
     catalog = _load()
     _check_vocabulary_value(catalog, "family", args.family)
     _check_vocabulary_value(catalog, "modality", args.modality)
+    args.keys = _resolve_aliases(args.keys)
     _check_keys(catalog, args.keys)
     filtered = args.family is not None or args.modality is not None
     if not args.keys and not filtered:

@@ -35,7 +35,10 @@ def on_config(config):  # noqa: ANN001, ANN201 - MkDocs hook signature
     _copy_mathjax(docs_dir)
     sections = sitegen.generate(docs_dir)
     sections["Notebooks"] = notebooks.render_all(docs_dir)
-    sections["Methods"] = results_page.write(docs_dir) + sections.get("Methods", [])
+    # The section index (methods/index.md) first, so that the Methods tab opens it; then the results.
+    methods = sections.get("Methods", [])
+    index, rest = methods[:1], methods[1:]
+    sections["Methods"] = index + results_page.write(docs_dir) + rest
     for title, entries in sections.items():
         _replace_section(config["nav"], title, entries)
     return config

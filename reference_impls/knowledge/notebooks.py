@@ -20,7 +20,10 @@ from pathlib import Path
 
 import nbformat
 
-from reference_impls.knowledge.paths import executed_notebooks_dir, notebooks_dir
+from reference_impls.knowledge.paths import executed_notebooks_dir, notebooks_dir, repo_root
+
+# Where the site serves the implementation files (copied by sitegen), for pages without a repository URL.
+CODE_DIR = "code"
 
 REQUIRED_PARAMETERS = ("smoke", "device", "seed")
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -161,10 +164,72 @@ def notebook_title(notebook: nbformat.NotebookNode, fallback: str) -> str:
     return fallback
 
 
-def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = None) -> tuple[str, str]:
+def clean_for_page(notebook: nbformat.NotebookNode, hidden_prefixes: tuple[str, ...]) -> list[str]:
+    """Make an executed notebook fit to read as a page; returns the alt text of each image output, in order.
+
+    Drops papermill's injected-parameters cell (the page's banner states the parameters) and every stderr
+    stream (progress bars, which tqdm writes as one paragraph per refresh, and warnings that print the
+    build machine's paths); removes any remaining machine path from text outputs.
+    """
+    notebook.cells = [c for c in notebook.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    alts: list[str] = []
+    figure = 0
+    heading = ""
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            heading = titles[-1] if titles else heading
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        comment = next((line.lstrip("# ").strip() for line in cell.source.splitlines()
+                        if line.startswith("#") and line.lstrip("# ").strip()), "")
+        for output in cell.outputs:
+            if output.get("output_type") == "stream":
+                output["text"] = _without_paths(output.get("text", ""), hidden_prefixes)
+            for kind in ("text/plain", "text/html"):
+                if kind in output.get("data", {}):
+                    output["data"][kind] = _without_paths(output["data"][kind], hidden_prefixes)
+            if "image/png" in output.get("data", {}):
+                figure += 1
+                alts.append(f"Figure {figure}: {comment or heading or 'output of the notebook'}")
+    return alts
+
+
+def _without_paths(text: str | list[str], prefixes: tuple[str, ...]) -> str:
+    joined = "".join(text) if isinstance(text, list) else text
+    for prefix in prefixes:
+        joined = joined.replace(prefix.rstrip("/") + "/", "").replace(prefix, "")
+    return joined
+
+
+def _with_alt_texts(body: str, alts: list[str]) -> str:
+    """nbconvert writes every figure as ``![png](...)``; give each its own description instead."""
+    pieces = body.split("![png](")
+    out = [pieces[0]]
+    for index, piece in enumerate(pieces[1:]):
+        alt = alts[index] if index < len(alts) else "Figure"
+        out.append(f"![{alt.replace(']', ')')}](" + piece)
+    return "".join(out)
+
+
+def page_links(name: str, method: dict[str, str] | None, code_url: str | None) -> str:
+    """One line linking the method page, the implementation and the notebook file itself."""
+    links = [f"[:material-download: {name}.ipynb]({name}.ipynb){{ download }}"]
+    if method:
+        links.insert(0, f"[Method page: {method['name']}](../methods/{method['key']}.md)")
+        if method.get("implementation"):
+            links.insert(1, f"[Code: `{method['implementation']}`]({code_url or '../' + CODE_DIR + '/' + Path(method['implementation']).name})")
+    return " · ".join(links) + "\n\n"
+
+
+def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = None,
+                method: dict[str, str] | None = None, code_url: str | None = None) -> tuple[str, str]:
     """Write ``docs_notebooks/<name>.md`` from the executed copy (or the source, saying so).
 
-    Returns (title, page path relative to the docs directory).
+    The page opens with the notebook's title, then the build note and links to the method page, the
+    implementation and the ``.ipynb`` (copied next to the page for download). Returns (title, page path
+    relative to the docs directory).
     """
     from nbconvert import MarkdownExporter
 
@@ -174,9 +239,11 @@ def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = 
     notebook = nbformat.read(executed if is_executed else source, as_version=4)
     name = source.stem
     title = notebook_title(notebook, name.replace("_", " ").replace("-", " ").capitalize())
+    alts = clean_for_page(notebook, machine_paths())
     body, resources = MarkdownExporter().from_notebook_node(
         notebook, resources={"output_files_dir": f"{name}_files"}
     )
+    body = _with_alt_texts(body, alts)
     files_dir = docs_notebooks / f"{name}_files"
     if files_dir.exists():
         shutil.rmtree(files_dir)
@@ -188,7 +255,7 @@ def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = 
         banner = (
             f'!!! info "Executed at site build time"\n    This page is `notebooks/{source.name}` run by '
             "papermill with smoke parameters (`smoke=True, device='cpu', seed=0`). Run it yourself with "
-            f"`jupyter lab notebooks/{source.name}`, or with full settings: "
+            f"`make lab` (then open `notebooks/{source.name}`), or with full settings: "
             f"`python -m reference_impls.knowledge.notebooks --full {name}`.\n\n"
         )
     else:
@@ -196,22 +263,72 @@ def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = 
             '!!! warning "Not executed"\n    No executed copy was found when this site was built, so the '
             "page shows the notebook without outputs. `make site` executes every notebook first.\n\n"
         )
+    header = banner + page_links(name, method, code_url)
+    # The title comes first; the note and the links go right under it.
+    heading = f"# {title}\n"
+    if body.lstrip().startswith("# "):
+        first, _, rest = body.lstrip().partition("\n")
+        page = first + "\n\n" + header + rest
+    else:
+        page = heading + "\n" + header + body
     docs_notebooks.mkdir(parents=True, exist_ok=True)
-    (docs_notebooks / f"{name}.md").write_text(banner + body, encoding="utf-8")
+    (docs_notebooks / f"{name}.md").write_text(page, encoding="utf-8")
+    shutil.copyfile(source, docs_notebooks / source.name)  # the committed notebook, outputs cleared
     return title, f"notebooks/{name}.md"
 
 
-def render_all(docs_dir: Path) -> list[dict[str, str]]:
-    """Render every notebook as a page; returns mkdocs nav entries."""
+def machine_paths() -> tuple[str, ...]:
+    """Paths of this build machine that must not appear on a page (longest first)."""
+    import site
+
+    paths = {str(repo_root()), sys.prefix, sys.base_prefix, str(Path.home()), *site.getsitepackages()}
+    return tuple(sorted((p for p in paths if p and p != "/"), key=len, reverse=True))
+
+
+def notebook_methods(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """Notebook file name -> the catalog method it demonstrates (key, name, implementation)."""
+    from reference_impls.knowledge.catalog import load_catalog
+
+    catalog = load_catalog(root=root or repo_root())
+    out: dict[str, dict[str, str]] = {}
+    for entry in catalog.methods():
+        if entry.notebook:
+            out[Path(entry.notebook).name] = {"key": entry.key, "name": entry.name,
+                                              "implementation": entry.implementation or ""}
+    return out
+
+
+def index_page(entries: list[tuple[str, str, dict[str, str] | None]]) -> str:
+    """The Notebooks section's index: every notebook with its method page."""
+    out = ["# Notebooks\n",
+           "Every notebook runs a method end to end on ShapeWorld: it trains in the smoke setting (seconds, "
+           "executed when this site was built) and then shows the committed full-run results (the Results "
+           "page's measurements). Open them yourself with `make lab`.\n",
+           "| Notebook | Method | Download |", "|---|---|---|"]
+    for title, page, method in entries:
+        name = Path(page).stem
+        method_cell = f"[{method['name']}](../methods/{method['key']}.md)" if method else "-"
+        out.append(f"| [{title}]({name}.md) | {method_cell} | [{name}.ipynb]({name}.ipynb){{ download }} |")
+    return "\n".join(out) + "\n"
+
+
+def render_all(docs_dir: Path) -> list:
+    """Render every notebook as a page plus the section index; returns mkdocs nav entries."""
     target = docs_dir / "notebooks"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    entries = []
+    methods = notebook_methods()
+    repo_url = os.environ.get("RLVG_REPO_URL", "").rstrip("/")
+    rendered = []
     for source in discover():
-        title, page = render_page(source, target)
-        entries.append({title: page})
-    return entries
+        method = methods.get(source.name)
+        code_url = (f"{repo_url}/blob/main/{method['implementation']}"
+                    if repo_url and method and method.get("implementation") else None)
+        title, page = render_page(source, target, method=method, code_url=code_url)
+        rendered.append((title, page, method))
+    (target / "index.md").write_text(index_page(rendered), encoding="utf-8")
+    return ["notebooks/index.md", *({title: page} for title, page, _ in rendered)]
 
 
 def main(argv: list[str] | None = None) -> int:

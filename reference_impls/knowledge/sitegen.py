@@ -17,6 +17,7 @@ Only files whose content changed are rewritten and stale ones are removed, so re
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from reference_impls.knowledge.catalog import Catalog, CatalogEntry, load_catalo
 from reference_impls.knowledge.paths import repo_root
 
 GENERATED_FILES = ("taxonomy.md", "bibliography.md")
-GENERATED_DIRS = ("families", "methods", "assets/generated")
+GENERATED_DIRS = ("families", "methods", "assets/generated", "code", "bib")
+CODE_DIR = "code"
+"""Implementation files are served from here, so a page's code link works on any copy of the site."""
 TIMELINE = "assets/generated/timeline.png"
 HANDWRITTEN = "_handwritten"
 BANNER = (
@@ -79,6 +82,15 @@ def notebook_page(entry: CatalogEntry) -> str | None:
     return f"notebooks/{path.stem}.md"
 
 
+def code_link(entry: CatalogEntry, prefix: str) -> str:
+    """Where a page links an implementation: the repository when ``RLVG_REPO_URL`` names one, else the copy
+    of the file that the site serves."""
+    repo_url = os.environ.get("RLVG_REPO_URL", "").rstrip("/")
+    if repo_url:
+        return f"{repo_url}/blob/main/{entry.implementation}"
+    return f"{prefix}{CODE_DIR}/{Path(entry.implementation or '').name}"
+
+
 def link_title(entry: CatalogEntry) -> str:
     """Hover text for a method link: year and paper title (quotes removed: they would end the title)."""
     title = cite.latex_to_text(entry.title).replace('"', "'")
@@ -99,7 +111,8 @@ def taxonomy_page(catalog: Catalog) -> str:
     matrix = catalog.matrix()
     methods = catalog.methods()
     implemented = [entry for entry in methods if entry.implemented]
-    out = [banner(), "# Taxonomy\n"]
+    # Full width (no side navigation or table of contents): the matrix needs every column.
+    out = ["---\nhide:\n  - navigation\n  - toc\n---\n", banner(), "# Taxonomy\n"]
     out.append(
         "The survey organises reinforcement learning for visual generation by the **optimiser family** "
         "that updates the generator and by the **modality** it generates. The matrix below is built from "
@@ -116,13 +129,18 @@ def taxonomy_page(catalog: Catalog) -> str:
             for entry in matrix[(family, modality)]:
                 link = f'[{cite.escape_markdown(entry.name)}](methods/{entry.key}.md "{link_title(entry)}")'
                 links.append(f"**{link}**" if entry.implemented else link)
-            cells.append(f'<td markdown="span">{" ".join(links) or "&mdash;"}</td>')
+            label = vocabulary.label("modality", modality)
+            cells.append(f'<td data-modality="{label}" markdown="span">{" ".join(links) or "&mdash;"}</td>')
         label = vocabulary.families[family].label
         rows.append(
             f'<tr markdown="1"><th markdown="span">[{label}](families/{family}.md)</th>{"".join(cells)}</tr>'
         )
     # md_in_html only descends into elements that carry the markdown attribute, level by level, so the
     # links stay Markdown (checked and rewritten by MkDocs) instead of hand-made relative URLs.
+    out.append(
+        '<label class="rlvg-filter"><input type="checkbox" id="rlvg-implemented-only"> '
+        "Show implemented methods only</label>\n"
+    )
     out.append(
         '<table class="taxonomy" markdown="1">\n'
         f"<thead><tr><th>Family</th>{header}</tr></thead>\n"
@@ -208,17 +226,18 @@ def family_page(catalog: Catalog, family: str, docs_dir: Path) -> str:
         f"{len(methods)} catalogued, {implemented} implemented in the atlas (listed first), then by year. "
         f"Export their BibTeX with `rlvg cite --family {family} --out {family}.bib`.\n"
     )
-    lines = [
-        "| Method | Year | Modality | Generator | Feedback | Mechanism | In the atlas |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    # A list, not a wide table: one item per method reads on a phone as well as on a desktop.
+    lines = ['<ul class="rlvg-methods" markdown="1">']
     for entry in methods:
         feedback = ", ".join(short(catalog, "feedback", value) for value in entry.feedback)
+        facts = " · ".join(part for part in (
+            str(entry.year or ""), short(catalog, "modality", entry.modality),
+            short(catalog, "generator", entry.generator), feedback) if part)
         lines.append(
-            f"| [{cite.escape_markdown(entry.name)}](../methods/{entry.key}.md) | {entry.year or ''} "
-            f"| {short(catalog, 'modality', entry.modality)} | {short(catalog, 'generator', entry.generator)} "
-            f"| {cell(feedback)} | {cell(entry.mechanism)} | {in_atlas_cell(entry, '../')} |"
+            f'<li markdown="1">**[{cite.escape_markdown(entry.name)}](../methods/{entry.key}.md)** '
+            f"({facts}; {in_atlas_cell(entry, '../')}): {' '.join(entry.mechanism.split())}</li>"
         )
+    lines.append("</ul>")
     out.append("\n".join(lines) + "\n")
     return "\n".join(out)
 
@@ -243,7 +262,7 @@ def glance_table(catalog: Catalog, entry: CatalogEntry) -> str:
         ("Official code", f"<{entry.code}>" if entry.code else "not listed"),
     ]
     if entry.implementation:
-        rows.append(("Our implementation", f"`{entry.implementation}`"))
+        rows.append(("Our implementation", f"[`{entry.implementation}`]({code_link(entry, '../')})"))
     page = notebook_page(entry)
     if page:
         rows.append(("Notebook", f"[{Path(entry.notebook or '').name}](../{page})"))
@@ -296,6 +315,37 @@ def method_page(catalog: Catalog, entry: CatalogEntry, docs_dir: Path) -> str:
     return "\n".join(out)
 
 
+def methods_index_page(catalog: Catalog) -> str:
+    """The Methods section's index: what runs in the atlas, then what is catalogued, by family."""
+    vocabulary = catalog.vocabulary
+    implemented = [entry for entry in catalog.methods() if entry.implemented]
+    out = [banner(), "# Methods\n",
+           f"{len(catalog.methods())} methods are catalogued; {len(implemented)} of them are implemented in "
+           "`reference_impls/` and run on a laptop CPU. Each implemented method has a page that teaches it "
+           "(background, equations, pseudocode, the tested code), a notebook, and a row on the "
+           "[measured results](../results.md) page.\n",
+           "## Implemented in the atlas\n",
+           "| Method | Family | Year | Code | Notebook |", "|---|---|---|---|---|"]
+    for entry in implemented:
+        page = notebook_page(entry)
+        notebook = f"[notebook](../{page})" if page else "-"
+        out.append(
+            f"| [{cite.escape_markdown(entry.name)}]({entry.key}.md) "
+            f"| [{cell(vocabulary.families[entry.family].label)}](../families/{entry.family}.md) "
+            f"| {entry.year or ''} | [`{Path(entry.implementation or '').name}`]({code_link(entry, '../')}) "
+            f"| {notebook} |"
+        )
+    out.append("\n## Catalogued, by family\n")
+    for family in vocabulary.method_families:
+        entries = [e for e in catalog.methods(family) if not e.implemented]
+        if not entries:
+            continue
+        links = ", ".join(f"[{cite.escape_markdown(e.name)}]({e.key}.md)" for e in entries)
+        out.append(f"**[{vocabulary.families[family].label}](../families/{family}.md)** "
+                   f"({len(entries)}): {links}\n")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bibliography
 
@@ -306,9 +356,11 @@ def bibliography_page(catalog: Catalog) -> str:
     out = [banner(), "# Bibliography\n"]
     out.append(
         f"{len(catalog)} works, each checked against its arXiv abstract page or its venue's proceedings "
-        "(method pages say against what). Link to an entry with `bibliography.md#KEY`; export a family "
-        "with `rlvg cite --family FAMILY --out FILE.bib`, or one entry with `rlvg cite KEY`.\n"
+        "(method pages say against what). Every entry has an anchor: link to `bibliography/#KEY` on this "
+        "site (for example `bibliography/#black2023ddpo`). From the command line: `rlvg cite KEY`, or "
+        "`rlvg cite --family FAMILY --out FILE.bib`.\n"
     )
+    out.append(bib_downloads(catalog))
     index = [
         f"[{vocabulary.families[family].label}](#{family_anchor(family)}) ({len(entries)})"
         for family, entries in groups.items()
@@ -323,6 +375,39 @@ def bibliography_page(catalog: Catalog) -> str:
         for entry in newest_first:
             out.append(bibliography_item(catalog, entry))
     return "\n".join(out)
+
+
+def bib_files(catalog: Catalog) -> dict[str, str]:
+    """Downloadable BibTeX: the whole bibliography, and one file per family and per modality."""
+    def joined(entries: list[CatalogEntry]) -> str:
+        ordered = sorted(entries, key=lambda e: e.key)
+        return "".join(cite.to_bibtex(catalog.bibliography[e.key]).rstrip("\n") + "\n\n" for e in ordered)
+
+    files = {"bib/rlvg-atlas.bib": joined(list(catalog.entries))}
+    for family in catalog.vocabulary.families:
+        entries = catalog.select(family)
+        if entries:
+            files[f"bib/family-{family}.bib"] = joined(entries)
+    for modality in catalog.vocabulary.modalities:
+        entries = catalog.select(modality=modality)
+        if entries:
+            files[f"bib/modality-{modality}.bib"] = joined(entries)
+    return files
+
+
+def bib_downloads(catalog: Catalog) -> str:
+    vocabulary = catalog.vocabulary
+    files = bib_files(catalog)
+    families = [f"[{vocabulary.families[f].label}](bib/family-{f}.bib){{ download }}"
+                for f in vocabulary.families if f"bib/family-{f}.bib" in files]
+    modalities = [f"[{vocabulary.label('modality', m)}](bib/modality-{m}.bib){{ download }}"
+                  for m in vocabulary.modalities if f"bib/modality-{m}.bib" in files]
+    return (
+        '!!! tip "Download BibTeX"\n'
+        f"    [:material-download: Everything ({len(catalog)} entries)](bib/rlvg-atlas.bib){{ download }}  \n"
+        f"    By family: {' · '.join(families)}  \n"
+        f"    By modality: {' · '.join(modalities)}\n"
+    )
 
 
 def bibliography_item(catalog: Catalog, entry: CatalogEntry) -> str:
@@ -426,7 +511,7 @@ def navigation(catalog: Catalog) -> dict[str, list]:
             "taxonomy.md",
             {"Families": [{vocabulary.families[f].label: f"families/{f}.md"} for f in families]},
         ],
-        "Methods": methods_nav,
+        "Methods": ["methods/index.md", *methods_nav],
         "Bibliography": ["bibliography.md"],
     }
 
@@ -442,7 +527,14 @@ def render(catalog: Catalog, docs_dir: Path) -> dict[str, bytes]:
         pages[f"families/{family}.md"] = family_page(catalog, family, docs_dir)
     for entry in catalog.methods():
         pages[f"methods/{entry.key}.md"] = method_page(catalog, entry, docs_dir)
+    pages["methods/index.md"] = methods_index_page(catalog)
+    pages.update(bib_files(catalog))
     outputs = {path: text.encode("utf-8") for path, text in pages.items()}
+    root = repo_root()
+    for entry in catalog.implemented():
+        source = root / (entry.implementation or "")
+        if source.is_file():
+            outputs[f"{CODE_DIR}/{source.name}"] = source.read_bytes()
     outputs[TIMELINE] = timeline_png(catalog)
     return outputs
 
