@@ -259,3 +259,16 @@ def test_evaluator_is_fast() -> None:
         evaluate_batch(images, prompts)
         best = min(best, time.perf_counter() - start)
     assert best < 1.0  # measured ~0.05-0.1 s for 256 images of 32x32 on a shared CPU
+
+
+def test_task_splits_partition_the_training_prompts():
+    from reference_impls.worlds.evaluate import TASKS, prompt_task
+    from reference_impls.worlds.grammar import prompt_split
+
+    train = prompt_split("train")
+    parts = {task: prompt_split(f"train-{task}") for task in TASKS}
+    assert sorted(p for part in parts.values() for p in part) == sorted(train)
+    assert all(prompt_task(p) == task for task, part in parts.items() for p in part)
+    assert not set(parts["position"]) & set(prompt_split("heldout"))
+    with pytest.raises(ValueError, match="train-position"):
+        prompt_split("train-layout")

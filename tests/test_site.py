@@ -264,3 +264,32 @@ def test_bibtex_downloads_parse_and_cover_the_bibliography(built_site: Path, cat
 def test_site_url_is_not_pinned_to_loopback() -> None:
     text = (REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert "127.0.0.1" not in text.split("site_url:")[1].splitlines()[0]
+
+
+def test_method_summaries_are_well_formed(catalog) -> None:
+    """Each catalogued method's summary: the three sections, balanced display math, links only to methods."""
+    from reference_impls.knowledge import sitegen
+
+    folder = REPO_ROOT / "docs" / sitegen.HANDWRITTEN / sitegen.SUMMARIES
+    summaries = sorted(folder.glob("*.md"))
+    assert summaries, f"no summaries in {folder}"
+    implemented = {entry.key for entry in catalog.methods() if entry.implemented}
+    catalogued = {entry.key for entry in catalog.methods()}
+    for path in summaries:
+        text = path.read_text(encoding="utf-8")
+        assert path.stem in catalogued and path.stem not in implemented, f"{path.name}: not a catalogue-only method"
+        positions = [text.find(heading) for heading in sitegen.SUMMARY_HEADINGS]
+        assert -1 not in positions and positions == sorted(positions), f"{path.name}: sections missing or out of order"
+        assert text.count("$$") % 2 == 0, f"{path.name}: unbalanced $$"
+        for target in re.findall(r"\]\(([^)#]+\.md)", text):
+            assert Path(target).stem in implemented, f"{path.name}: links {target}, not an implemented method page"
+
+
+def test_catalogued_page_shows_its_summary(tmp_path: Path, catalog) -> None:
+    from reference_impls.knowledge import sitegen
+
+    folder = REPO_ROOT / "docs" / sitegen.HANDWRITTEN / sitegen.SUMMARIES
+    key = sorted(folder.glob("*.md"))[0].stem
+    page = sitegen.method_page(catalog, catalog[key], REPO_ROOT / "docs")
+    assert "## The method in brief" in page and "### Reported result" in page
+    assert "Catalogued, not implemented" in page

@@ -35,7 +35,8 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device (cpu, cuda, cuda:1, mps)."""
     prompts: str = "train"
-    """Training prompts: a ShapeWorld split (train, easy) or one literal prompt in quotes."""
+    """Training prompts: a ShapeWorld split (train, easy, or train-<task> such as train-position for one
+    GenEval-style task) or one literal prompt in quotes."""
     batch_size: int = 8
     """Samples collected per outer iteration."""
     num_steps: int = 10

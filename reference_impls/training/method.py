@@ -84,8 +84,9 @@ class Method:
 
     def sample_prompts(self, n: int, rng: np.random.Generator) -> list[str]:
         from reference_impls.worlds import PromptError, as_spec, sample_prompts
+        from reference_impls.worlds.grammar import TASK_SPLIT_PREFIX
 
-        if self.config.prompts in ("train", "easy"):
+        if self.config.prompts in ("train", "easy") or self.config.prompts.startswith(TASK_SPLIT_PREFIX):
             return sample_prompts(n, self.config.prompts, rng)
         try:
             text = as_spec(self.config.prompts).text

@@ -36,6 +36,8 @@ COUNT_WORDS: dict[str, int] = {"a": 1, "one": 1, "two": 2, "three": 3}
 CANONICAL_COUNT_WORD: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 MAX_OBJECTS = 3  # a 32x32 canvas holds three big shapes with gaps between them, not more
 SPLITS: tuple[str, ...] = ("train", "heldout", "easy", "all")
+TASK_SPLIT_PREFIX = "train-"
+"""``train-<task>``: the training prompts of one GenEval-style task (e.g. ``train-position``)."""
 HELDOUT_PERCENT = 20
 _SPLIT_SALT = "shapeworld-split-v1"  # changing it would reshuffle the held-out set: never do that
 
@@ -311,12 +313,20 @@ def _split(name: str) -> tuple[str, ...]:
     if name == "easy":
         # One object, drawn from train so the held-out prompts stay unseen by anything that trains.
         return tuple(p for p in train if parse_prompt(p).n_objects == 1)
-    raise ValueError(f"unknown split {name!r}; allowed: {SPLITS}")
+    if name.startswith(TASK_SPLIT_PREFIX):
+        from reference_impls.worlds.evaluate import TASKS, prompt_task  # evaluate imports this module
+
+        task = name[len(TASK_SPLIT_PREFIX):]
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} in split {name!r}; allowed: "
+                             f"{', '.join(TASK_SPLIT_PREFIX + t for t in TASKS)}")
+        return tuple(p for p in train if prompt_task(p) == task)
+    raise ValueError(f"unknown split {name!r}; allowed: {SPLITS} or {TASK_SPLIT_PREFIX}<task>")
 
 
 def prompt_split(name: str) -> list[str]:
     """Prompts of a split: 'train', 'heldout' (~20%, never for training), 'easy' (one-object train
-    prompts) or 'all'."""
+    prompts), 'all', or 'train-<task>' (the training prompts of one task, e.g. 'train-position')."""
     return list(_split(name))
 
 
