@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, machine_description
 from reference_impls.evaluation import default_eval_sampler, generate, heldout_prompts
 from reference_impls.models import load_policy
-from reference_impls.worlds import evaluate_batch
+from reference_impls.worlds import evaluate_batch, prompt_split
 from reference_impls.worlds.evaluate import as_spec
 
 DRAWS = 2
@@ -30,7 +30,8 @@ DRAWS = 2
 def relation_rates(model: str, guidance_scale: float, split: str = "heldout", seed: int = 7) -> dict:
     """Share of position-prompt images with both objects drawn, and how often the relation then holds."""
     policy = load_policy(model)
-    prompts = [p for p in heldout_prompts(10**6, split) if as_spec(p).relation is not None]
+    # Every position prompt of the split once (heldout_prompts cycles, so ask for exactly the split's size).
+    prompts = [p for p in heldout_prompts(len(prompt_split(split)), split) if as_spec(p).relation is not None]
     repeated = [p for p in prompts for _ in range(DRAWS)]
     images = generate(policy, repeated, default_eval_sampler(policy, guidance_scale=guidance_scale), seed=seed)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
