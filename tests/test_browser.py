@@ -188,6 +188,9 @@ def test_formula_renders_with_local_mathjax(browser, site_url: str, built_site: 
         s.get_attribute("src") for s in browser.find_elements(By.CSS_SELECTOR, "script[src*='MathJax']")
     ]
     assert sources and all(src.startswith(site_url) for src in sources), sources
+    # Wide display equations scroll inside their block instead of being cut at the right edge.
+    blocks = browser.find_elements(By.CSS_SELECTOR, "div.arithmatex")
+    assert all(browser.execute_script("return getComputedStyle(arguments[0]).overflowX", b) == "auto" for b in blocks)
     browser.save_screenshot(str(ARTIFACTS / "formula.png"))
 
 

@@ -293,3 +293,11 @@ def test_catalogued_page_shows_its_summary(tmp_path: Path, catalog) -> None:
     page = sitegen.method_page(catalog, catalog[key], REPO_ROOT / "docs")
     assert "## The method in brief" in page and "### Reported result" in page
     assert "Catalogued, not implemented" in page
+
+
+def test_unused_mathjax_parts_are_not_shipped(built_site: Path) -> None:
+    from reference_impls.knowledge.mkdocs_hooks import MATHJAX_UNUSED
+
+    mathjax = built_site / "assets" / "mathjax"
+    assert (mathjax / "MathJax.js").is_file()
+    assert not [part for part in MATHJAX_UNUSED if (mathjax / part).exists()]
