@@ -108,3 +108,10 @@ def test_notebooks_show_the_committed_measurement_or_say_it_is_missing(tmp_path:
     figure = notebook_helpers.show_measured("ddpo")
     out = capsys.readouterr().out
     assert figure is not None and "+0.100, 95% CI [+0.050, +0.150] (up" in out
+
+
+def test_rows_under_a_renamed_key_link_the_current_page():
+    from reference_impls.knowledge import results_page
+
+    data = {"rows": {"d3po": {"method": "d3po", "bib_key": "yang2024d3po", "heldout": {}}}}
+    assert [row["bib_key"] for row in results_page._measured_rows(data)] == ["yang2023d3po"]

@@ -61,8 +61,15 @@ TASK_LABELS = {"single_object": "single object", "size": "size", "counting": "co
 
 
 def _measured_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Rows measured with the paired protocol (seeds, CIs), in family order."""
-    rows = [row for row in (data or {}).get("rows", {}).values() if "heldout" in row]
+    """Rows measured with the paired protocol (seeds, CIs), in family order.
+
+    A row written under a BibTeX key that was renamed since (bib/aliases.yaml) is shown under the new key.
+    """
+    from reference_impls.knowledge.commands import load_aliases
+
+    aliases = load_aliases()
+    rows = [dict(row, bib_key=aliases.get(row.get("bib_key", ""), row.get("bib_key")))
+            for row in (data or {}).get("rows", {}).values() if "heldout" in row]
     return sorted(rows, key=_family_order)
 
 
