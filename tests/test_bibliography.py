@@ -237,7 +237,7 @@ def test_arxiv_year(eprint: str, year: int | None) -> None:
 
 
 def test_renamed_keys_still_cite(capsys) -> None:
-    from reference_impls.knowledge.commands import load_aliases
+    from reference_impls.knowledge.bibliography import load_aliases
 
     aliases = load_aliases()
     assert aliases, "bib/aliases.yaml is empty"

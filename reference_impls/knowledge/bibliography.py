@@ -351,6 +351,20 @@ def check_bibliography(bibliography: Bibliography) -> list[DataProblem]:
     return problems
 
 
+def load_aliases(path: Path | None = None) -> dict[str, str]:
+    """Old BibTeX key -> current key (``bib/aliases.yaml``): keys renamed to follow the key rule keep working."""
+    import yaml
+
+    path = path or default_path().with_name("aliases.yaml")
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise DataError([DataProblem(path, None, None, None,
+                                     f"must map old keys to current keys (old: new), found {type(data).__name__}")])
+    return {str(old): str(new) for old, new in data.items()}
+
+
 def load_bibliography(path: Path | None = None) -> Bibliography:
     """Parse and check ``references.bib``; raises :class:`DataError` listing every problem."""
     path = path or default_path()

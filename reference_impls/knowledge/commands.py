@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from reference_impls.knowledge import cite
-from reference_impls.knowledge.bibliography import DataError
+from reference_impls.knowledge.bibliography import DataError, load_aliases
 from reference_impls.knowledge.catalog import Catalog, CatalogEntry, load_catalog, suggest
 
 
@@ -75,21 +75,6 @@ def _check_vocabulary_value(catalog: Catalog, field_name: str, value: str | None
         close = suggest(value, allowed)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise _usage_error(f"unknown {field_name} {value!r}.{hint} Allowed values: {', '.join(allowed)}")
-
-
-def load_aliases(path: Path | None = None) -> dict[str, str]:
-    """Old BibTeX key -> current key (``bib/aliases.yaml``): keys renamed to follow the key rule keep working."""
-    import yaml
-
-    from reference_impls.knowledge.paths import repo_root
-
-    path = path or repo_root() / "bib" / "aliases.yaml"
-    if not path.exists():
-        return {}
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise _usage_error(f"{path}: must map old keys to current keys (old: new), found {type(data).__name__}")
-    return {str(old): str(new) for old, new in data.items()}
 
 
 def _resolve_aliases(keys: list[str]) -> list[str]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from reference_impls.knowledge import notebooks, results_page, sitegen
 
-
 # Parts of the MathJax package this site never loads (checked in a browser: HTML-CSS output with STIX-Web fonts,
 # English, no accessibility menu), about 9 MB of the 12 MB: not shipped.
 MATHJAX_UNUSED = ("jax/output/SVG", "extensions/a11y", "localization")

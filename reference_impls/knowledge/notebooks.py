@@ -17,13 +17,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nbformat
 
 from reference_impls.knowledge.paths import executed_notebooks_dir, notebooks_dir, repo_root
 
-# Where the site serves the implementation files (copied by sitegen), for pages without a repository URL.
-CODE_DIR = "code"
+if TYPE_CHECKING:
+    from reference_impls.knowledge.catalog import CatalogEntry
 
 REQUIRED_PARAMETERS = ("smoke", "device", "seed")
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -213,18 +214,20 @@ def _with_alt_texts(body: str, alts: list[str]) -> str:
     return "".join(out)
 
 
-def page_links(name: str, method: dict[str, str] | None, code_url: str | None) -> str:
+def page_links(name: str, method: CatalogEntry | None) -> str:
     """One line linking the method page, the implementation and the notebook file itself."""
+    from reference_impls.knowledge.sitegen import code_link
+
     links = [f"[:material-download: {name}.ipynb]({name}.ipynb){{ download }}"]
     if method:
-        links.insert(0, f"[Method page: {method['name']}](../methods/{method['key']}.md)")
-        if method.get("implementation"):
-            links.insert(1, f"[Code: `{method['implementation']}`]({code_url or '../' + CODE_DIR + '/' + Path(method['implementation']).name})")
+        links.insert(0, f"[Method page: {method.name}](../methods/{method.key}.md)")
+        if method.implementation:
+            links.insert(1, f"[Code: `{method.implementation}`]({code_link(method, '../')})")
     return " · ".join(links) + "\n\n"
 
 
 def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = None,
-                method: dict[str, str] | None = None, code_url: str | None = None) -> tuple[str, str]:
+                method: CatalogEntry | None = None) -> tuple[str, str]:
     """Write ``docs_notebooks/<name>.md`` from the executed copy (or the source, saying so).
 
     The page opens with the notebook's title, then the build note and links to the method page, the
@@ -263,7 +266,7 @@ def render_page(source: Path, docs_notebooks: Path, executed_dir: Path | None = 
             '!!! warning "Not executed"\n    No executed copy was found when this site was built, so the '
             "page shows the notebook without outputs. `make site` executes every notebook first.\n\n"
         )
-    header = banner + page_links(name, method, code_url)
+    header = banner + page_links(name, method)
     # The title comes first; the note and the links go right under it.
     heading = f"# {title}\n"
     if body.lstrip().startswith("# "):
@@ -285,20 +288,15 @@ def machine_paths() -> tuple[str, ...]:
     return tuple(sorted((p for p in paths if p and p != "/"), key=len, reverse=True))
 
 
-def notebook_methods(root: Path | None = None) -> dict[str, dict[str, str]]:
-    """Notebook file name -> the catalog method it demonstrates (key, name, implementation)."""
+def notebook_methods(root: Path | None = None) -> dict[str, CatalogEntry]:
+    """Notebook file name -> the catalog method it demonstrates."""
     from reference_impls.knowledge.catalog import load_catalog
 
     catalog = load_catalog(root=root or repo_root())
-    out: dict[str, dict[str, str]] = {}
-    for entry in catalog.methods():
-        if entry.notebook:
-            out[Path(entry.notebook).name] = {"key": entry.key, "name": entry.name,
-                                              "implementation": entry.implementation or ""}
-    return out
+    return {Path(entry.notebook).name: entry for entry in catalog.methods() if entry.notebook}
 
 
-def index_page(entries: list[tuple[str, str, dict[str, str] | None]]) -> str:
+def index_page(entries: list[tuple[str, str, CatalogEntry | None]]) -> str:
     """The Notebooks section's index: every notebook with its method page."""
     out = ["# Notebooks\n",
            "Every notebook runs a method end to end on ShapeWorld: it trains in the smoke setting (seconds, "
@@ -307,7 +305,7 @@ def index_page(entries: list[tuple[str, str, dict[str, str] | None]]) -> str:
            "| Notebook | Method | Download |", "|---|---|---|"]
     for title, page, method in entries:
         name = Path(page).stem
-        method_cell = f"[{method['name']}](../methods/{method['key']}.md)" if method else "-"
+        method_cell = f"[{method.name}](../methods/{method.key}.md)" if method else "-"
         out.append(f"| [{title}]({name}.md) | {method_cell} | [{name}.ipynb]({name}.ipynb){{ download }} |")
     return "\n".join(out) + "\n"
 
@@ -319,13 +317,10 @@ def render_all(docs_dir: Path) -> list:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     methods = notebook_methods()
-    repo_url = os.environ.get("RLVG_REPO_URL", "").rstrip("/")
     rendered = []
     for source in discover():
         method = methods.get(source.name)
-        code_url = (f"{repo_url}/blob/main/{method['implementation']}"
-                    if repo_url and method and method.get("implementation") else None)
-        title, page = render_page(source, target, method=method, code_url=code_url)
+        title, page = render_page(source, target, method=method)
         rendered.append((title, page, method))
     (target / "index.md").write_text(index_page(rendered), encoding="utf-8")
     return ["notebooks/index.md", *({title: page} for title, page, _ in rendered)]

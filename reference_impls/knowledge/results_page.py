@@ -65,7 +65,7 @@ def _measured_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
 
     A row written under a BibTeX key that was renamed since (bib/aliases.yaml) is shown under the new key.
     """
-    from reference_impls.knowledge.commands import load_aliases
+    from reference_impls.knowledge.bibliography import load_aliases
 
     aliases = load_aliases()
     rows = [dict(row, bib_key=aliases.get(row.get("bib_key", ""), row.get("bib_key")))
