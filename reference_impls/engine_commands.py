@@ -35,7 +35,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
                             seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
-                            stop_after=args.stop_after)
+                            stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every)
+    from reference_impls.worlds import prompt_split
+
+    for name in args.prompts.split(","):
+        try:
+            prompt_split(name.strip())
+        except ValueError as error:
+            raise UsageError(f"--prompts {args.prompts}: {error}") from None
     if args.init_from and not Path(args.init_from).is_dir():
         raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
@@ -279,6 +286,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--init-from", default=None,
                    help="continue from this checkpoint folder (e.g. reference_impls/checkpoints/shapes-flow)")
+    p.add_argument("--prompts", default="train",
+                   help="data mix: a prompt split or several joined by commas, each drawn with equal probability "
+                        "(train,train-position doubles down on spatial relations)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="write the weight average to --out every N steps (atomically)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--eval-n", type=int, default=256, help="held-out prompts scored into provenance.json")
     p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")

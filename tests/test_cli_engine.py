@@ -50,6 +50,7 @@ def test_eval_reports_per_criterion_accuracy(capsys):
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--reward", "beauty"], "Valid rewards"),
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--samples-per-prompt", "0"], ">= 1"),
         (["pretrain", "--model", "flow", "--init-from", "no/such/folder", "--out", "x.png"], "no such checkpoint"),
+        (["pretrain", "--model", "flow", "--prompts", "train,train-colour", "--out", "x.png"], "train-color_attr"),
     ],
 )
 def test_bad_input_exits_2_with_what_is_allowed(args, expected, tmp_path):
@@ -93,3 +94,30 @@ def test_every_help_page_renders(command: list[str]):
     result = run_cli(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: rlvg" in result.stdout
+
+
+def test_pretrain_data_mix_draws_each_split_equally_and_keeps_the_single_split_stream() -> None:
+    import numpy as np
+
+    from reference_impls.models.pretrain import _draw_prompts
+    from reference_impls.worlds import prompt_split
+
+    train, position = prompt_split("train"), prompt_split("train-position")
+    single = _draw_prompts([train], 50, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    assert single == [train[i] for i in rng.integers(0, len(train), 50)]  # what runs before the option drew
+    mixed = _draw_prompts([train, position], 4000, np.random.default_rng(0))
+    share = np.mean([p in set(position) for p in mixed])
+    expected = 0.5 + 0.5 * len(position) / len(train)  # half from position, plus train's own position share
+    assert abs(share - expected) < 0.03
+
+
+def test_pretrain_snapshots_are_loadable_checkpoints(tmp_path) -> None:
+    from reference_impls.models.loading import load_policy
+
+    out = tmp_path / "snap"
+    assert main(["pretrain", "--model", "flow", "--steps", "3", "--save-every", "2", "--batch-size", "2",
+                 "--eval-n", "2", "--threads", "1", "--out", str(out)]) == 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["steps_done"] == 3 and "snapshot" not in provenance
+    assert load_policy(str(out)).kind == "flow"

@@ -56,6 +56,12 @@ class PretrainConfig:
     init_from: str | None = None
     """Continue from this checkpoint folder's weights (same kind and sizes) instead of a random start;
     the prompt/render stream is seeded afresh, so the continuation sees new images."""
+    prompts: str = "train"
+    """Data mix: one prompt split, or several joined by commas (``train,train-position``); each image
+    first draws a split uniformly, then a prompt of it, so listing a task split raises that task's share."""
+    save_every: int | None = None
+    """Write the weight average to the output folder (atomically) every this many steps, so a long run
+    can be evaluated while it goes on and a killed run keeps its last snapshot."""
 
 
 def _render_batch(prompts: list[str], rng: np.random.Generator) -> torch.Tensor:
@@ -63,6 +69,27 @@ def _render_batch(prompts: list[str], rng: np.random.Generator) -> torch.Tensor:
 
     images = np.stack([render(p, rng) for p in prompts]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _draw_prompts(pools: list[list[str]], n: int, rng: np.random.Generator) -> list[str]:
+    """n prompts: a pool drawn uniformly per image, then a prompt of it (one pool: the old single-split stream)."""
+    if len(pools) == 1:
+        return [pools[0][i] for i in rng.integers(0, len(pools[0]), n)]
+    which = rng.integers(0, len(pools), n)
+    return [pools[k][rng.integers(0, len(pools[k]))] for k in which]
+
+
+def _write_snapshot(policy: GenerativePolicy, modules: torch.nn.ModuleList, ema: torch.nn.ModuleList,
+                    out_dir: Path, model_config: TinyModelConfig, config: PretrainConfig, steps_done: int,
+                    losses: list[float], command: str) -> None:
+    """Save the weight average now without disturbing training (live weights are put back afterwards)."""
+    live = copy.deepcopy(modules.state_dict())
+    modules.load_state_dict(ema.state_dict())
+    provenance = {"command": command, "config": asdict(config), "model_config": asdict(model_config),
+                  "steps_done": steps_done, "snapshot": True,
+                  "final_loss_mean_last_100": float(np.mean(losses[-100:])), "commit": _git_commit()}
+    write_checkpoint_atomically(policy, out_dir, model_config, provenance)
+    modules.load_state_dict(live)
 
 
 def _loss(policy: GenerativePolicy, x0: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
@@ -126,7 +153,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
         return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress_)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    train_prompts = prompt_split("train")
+    prompt_pools = [prompt_split(name.strip()) for name in config.prompts.split(",")]
     start = time.perf_counter()
     bar = None
     if progress:
@@ -136,7 +163,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
     losses: list[float] = []
     step = 0
     for step in range(config.steps):
-        prompts = [train_prompts[i] for i in rng.integers(0, len(train_prompts), config.batch_size)]
+        prompts = _draw_prompts(prompt_pools, config.batch_size, rng)
         x0 = _render_batch(prompts, rng)
         dropped = rng.random(config.batch_size) < config.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, dropped)]
@@ -155,6 +182,8 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            _write_snapshot(policy, modules, ema, out_dir, model_config, config, step + 1, losses, command)
         if config.minutes is not None and time.perf_counter() - start > 60 * config.minutes:
             break
         if config.stop_after is not None and step + 1 >= config.stop_after:
