@@ -90,6 +90,26 @@ def test_write_draws_the_curves_figure_and_removes_it_without_data(fake_results:
     assert not figure.exists() and "Not measured yet" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
 
 
+def test_overoptimisation_section_tabulates_and_draws_each_learning_rate(fake_results: dict[str, dict],
+                                                                         tmp_path: Path) -> None:
+    assert "python -m benchmarks.overoptimisation" in results_page.results_page()
+    assert "Not measured yet" in results_page._overoptimisation_section()
+    curve = [{"step": s, "samples_seen": 16 * s, "kl": 3.0 * s, "proxy_reward": 0.5 + 0.01 * s,
+              "accuracy": 0.3 - 0.001 * s, "mean_score": 0.6 - 0.002 * s} for s in (0, 10, 20)]
+    fake_results["overoptimisation"] = {"machine": {}, "seed": 0,
+                                        "runs": [{"learning_rate": 1e-4, "curve": curve},
+                                                 {"learning_rate": 1e-3, "curve": curve}]}
+    section = results_page._overoptimisation_section()
+    assert "| 0.001 | 20 | 320 | 60 | 0.700 | 0.280 | 0.560 |" in section and "Not measured yet" not in section
+    results_page.write(tmp_path)
+    figure = tmp_path / results_page.OVEROPTIMISATION
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({results_page.OVEROPTIMISATION})" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
+    fake_results.clear()
+    results_page.write(tmp_path)
+    assert not figure.exists()
+
+
 def test_notebooks_show_the_committed_measurement_or_say_it_is_missing(tmp_path: Path, monkeypatch, capsys) -> None:
     import json
 

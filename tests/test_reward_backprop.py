@@ -259,3 +259,22 @@ def test_methods_refuse_a_non_differentiable_reward():
         config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "reward": "shapes-composition"})
         with pytest.raises(ValueError, match="differentiable"):
             cls(policy=tiny_policy(), reward=get_reward("shapes-composition"), config=config)
+
+
+def test_chain_kl_is_zero_for_the_same_model_and_quadratic_in_a_first_step_change():
+    """Changing only the first step's weight by d changes only that step's mean (the start is shared noise),
+    so the chain KL is c * d^2 exactly: doubling d quadruples it."""
+    import copy
+
+    from benchmarks.overoptimisation import chain_kl
+
+    base = linear_policy()
+    prompts = ["p"] * 64
+    assert chain_kl(base, base, prompts, T) == 0.0
+    kls = []
+    for d in (0.1, 0.2):
+        moved = copy.deepcopy(base)
+        with torch.no_grad():
+            moved.denoiser.w[0] += d
+        kls.append(chain_kl(moved, base, prompts, T))
+    assert kls[0] > 0 and kls[1] == pytest.approx(4 * kls[0], rel=1e-4)
