@@ -262,6 +262,17 @@ def test_bibtex_downloads_parse_and_cover_the_bibliography(built_site: Path, cat
         "no download link on the bibliography page")
 
 
+def test_written_pages_hold_no_control_characters() -> None:
+    """A LaTeX command typed in a non-raw Python string (\\frac, \\text) becomes a form feed or a tab."""
+    sources = [*(REPO_ROOT / "docs").rglob("*.md"), *(REPO_ROOT / "reference_impls").rglob("*.py"),
+               *(REPO_ROOT / "bib").glob("*.yaml")]
+    for path in sources:
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+            bad = [hex(ord(c)) for c in line if ord(c) < 32 and c not in "\t"] + (
+                ["tab in math"] if "\t" in line and ("$" in line or "\\" in line) else [])
+            assert not bad, f"{path.relative_to(REPO_ROOT)}:{number}: control character(s) {bad}"
+
+
 def test_site_url_is_not_pinned_to_loopback() -> None:
     text = (REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert "127.0.0.1" not in text.split("site_url:")[1].splitlines()[0]
