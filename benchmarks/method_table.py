@@ -43,6 +43,7 @@ from reference_impls.rewards import REWARDS, get_reward
 from reference_impls.training import build_config, train
 
 RESULTS = RESULTS_DIR / "methods.json"
+VARIANTS = RESULTS_DIR / "method_variants.json"
 GRIDS = RESULTS_DIR / "grids"
 GRID_PROMPTS = 8
 HELDOUT_DRAWS = 2
@@ -57,11 +58,12 @@ def default_reward(cls) -> str:  # noqa: ANN001
     return "shapes-composition"
 
 
-def _settings(name: str, quick: bool) -> dict:
+def _settings(name: str, quick: bool, overrides: dict | None = None) -> dict:
     cls = METHODS[name]
     settings = {"preset": "cpu", "reward": default_reward(cls), "threads": 1}
     if "flow" in cls.supported_kinds and "diffusion" not in cls.supported_kinds:
         settings["model"] = "shapes-flow"
+    settings.update(overrides or {})
     if quick:
         settings.update(steps=2, eval_every=0, eval_prompts=8)
     return settings
@@ -108,11 +110,31 @@ def base_scores(model: str, reward: str, quick: bool, cache_dir: Path) -> dict[s
     return scores
 
 
-def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool) -> dict:
+def variant_label(name: str, overrides: dict) -> str:
+    """``ddpo`` for the preset itself, ``ddpo min_step_std=0.3`` for a variant of it."""
+    return " ".join([name, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set key=value`` pairs; values are read as JSON where they parse (numbers, true/false), else text."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set min_step_std=0.3")
+        try:
+            overrides[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, overrides: dict | None = None) -> dict:
     """Train one seed (unless reused) and score its final model; returns the seed's record."""
     cls = METHODS[name]
-    config = build_config(cls.config_class, cls.presets, {**_settings(name, quick), "seed": seed})
-    out = out_root / name / f"seed{seed}"
+    overrides = overrides or {}
+    config = build_config(cls.config_class, cls.presets, {**_settings(name, quick, overrides), "seed": seed})
+    out = out_root / variant_label(name, overrides).replace(" ", "_") / f"seed{seed}"
     record_path = out / "scores.json"
     if reuse and record_path.exists() and (out / "final").exists():
         return json.loads(record_path.read_text(encoding="utf-8"))
@@ -151,7 +173,7 @@ def before_after_grid(name: str, base: str, trained: Path, out: Path) -> None:
     save_grid(torch.cat(images), out, columns=GRID_PROMPTS, scale=4, labels=labels)
 
 
-def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path) -> dict:
+def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path, overrides: dict | None = None) -> dict:
     """Aggregate the seeds of one method into the results row (gains with 95% CIs over seeds and prompts)."""
     cls = METHODS[name]
     config = seeds[0]["config"]
@@ -162,7 +184,8 @@ def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path) -> di
     heldout = compare_scores(heldout_prompts, base["heldout"], models["heldout"], HELDOUT_DRAWS)
     trained = compare_scores(train_prompts, base["train"], models["train"], 1)
     per_seed = [compare_scores(heldout_prompts, base["heldout"], [m], HELDOUT_DRAWS) for m in models["heldout"]]
-    settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _settings(name, quick).items() if k != "threads")
+    settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _settings(name, quick, overrides).items()
+                        if k != "threads")
     return {
         "method": name, "bib_key": cls.bib_key, "model": config["model"], "reward": config["reward"],
         "seeds": [s["seed"] for s in seeds],
@@ -180,17 +203,17 @@ def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path) -> di
     }
 
 
-def merge_row(name: str, row: dict) -> dict:
+def merge_row(name: str, row: dict, results: Path = RESULTS) -> dict:
     """Read-modify-write under a file lock, so that tables run in parallel processes all land."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        existing = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {"rows": {}}
+        existing = json.loads(results.read_text(encoding="utf-8")) if results.exists() else {"rows": {}}
         existing["rows"][name] = row
         existing["machine"] = machine_description()
-        partial = RESULTS.with_suffix(".partial")
+        partial = results.with_suffix(".partial")
         partial.write_text(json.dumps(existing, indent=2) + "\n", encoding="utf-8")
-        partial.replace(RESULTS)
+        partial.replace(results)
     return existing
 
 
@@ -201,26 +224,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep seeds already trained and scored")
     parser.add_argument("--no-merge", action="store_true", help="train and score only (gather later with --reuse)")
     parser.add_argument("--quick", action="store_true", help="2 steps each, few prompts, results not saved")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of the cpu preset (repeatable); the rows go to "
+                             "benchmarks/results/method_variants.json, labelled with the change")
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the runs and the base's scoring alike; the machine record reports it
     out_root = Path(args.out)
     existing = None
     for name in args.methods or list(METHODS):
-        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse) for seed in args.seeds]
+        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse, overrides) for seed in args.seeds]
         if args.no_merge:
             continue
-        row = method_row(name, seeds, args.quick, out_root / "_base")
+        row = method_row(name, seeds, args.quick, out_root / "_base", overrides)
+        label = variant_label(name, overrides)
         accuracy = row["heldout"]["accuracy"]
-        print(f"{name}: held-out accuracy {accuracy['base']:.3f} -> {accuracy['model']:.3f} "
+        print(f"{label}: held-out accuracy {accuracy['base']:.3f} -> {accuracy['model']:.3f} "
               f"({accuracy['diff']:+.3f}, 95% CI [{accuracy['ci_low']:+.3f}, {accuracy['ci_high']:+.3f}]) "
               f"over seeds {row['seeds']}")
-        if not args.quick:
+        if overrides and not args.quick:
+            row["variant"] = {"of": name, "settings": overrides}
+            merge_row(label, row, VARIANTS)
+        elif not args.quick:
             before_after_grid(name, row["model"], out_root / name / f"seed{args.seeds[0]}" / "final",
                               GRIDS / f"{name}.png")
             row["grid"] = f"grids/{name}.png"

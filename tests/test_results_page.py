@@ -90,6 +90,14 @@ def test_write_draws_the_curves_figure_and_removes_it_without_data(fake_results:
     assert not figure.exists() and "Not measured yet" in (tmp_path / results_page.PAGE).read_text(encoding="utf-8")
 
 
+def test_variant_rows_are_shown_with_their_change(fake_results: dict[str, dict]) -> None:
+    assert "Not measured yet" in results_page._variants_section()
+    fake_results["method_variants"] = {"machine": {}, "rows": {"ddpo min_step_std=0.3": dict(
+        ROW, variant={"of": "ddpo", "settings": {"min_step_std": 0.3}})}}
+    section = results_page._variants_section()
+    assert "| ddpo with `min_step_std=0.3` | 0.200 → 0.300 | +0.100 [+0.050, +0.150] | **up** |" in section
+
+
 def test_overoptimisation_section_tabulates_and_draws_each_learning_rate(fake_results: dict[str, dict],
                                                                          tmp_path: Path) -> None:
     assert "python -m benchmarks.overoptimisation" in results_page.results_page()
@@ -135,3 +143,15 @@ def test_rows_under_a_renamed_key_link_the_current_page():
 
     data = {"rows": {"d3po": {"method": "d3po", "bib_key": "yang2024d3po", "heldout": {}}}}
     assert [row["bib_key"] for row in results_page._measured_rows(data)] == ["yang2023d3po"]
+
+
+def test_method_table_overrides_parse_to_typed_settings_and_label_the_variant() -> None:
+    from benchmarks.method_table import _settings, parse_overrides, variant_label
+
+    overrides = parse_overrides(["min_step_std=0.3", "prompts=train-position", "train-last-step=true"])
+    assert overrides == {"min_step_std": 0.3, "prompts": "train-position", "train_last_step": True}
+    assert variant_label("ddpo", {}) == "ddpo"
+    assert variant_label("ddpo", {"min_step_std": 0.3}) == "ddpo min_step_std=0.3"
+    assert _settings("ddpo", False, {"min_step_std": 0.3})["min_step_std"] == 0.3
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["min_step_std"])

@@ -253,6 +253,29 @@ def _dpok_section() -> str:
     return "\n".join(text) + "\n\n"
 
 
+def _variants_section() -> str:
+    """Settings of a preset changed one at a time, measured with the same protocol as the table above."""
+    data = _load("method_variants")
+    text = ["## Variants of the presets\n",
+            "One setting of a method's `cpu` preset changed, everything else as in the table above (same seeds, "
+            "same paired protocol, compared with the same base). Measured by "
+            "`python -m benchmarks.method_table METHOD --set KEY=VALUE --seeds 0 1 2`.\n"]
+    rows = sorted((data or {}).get("rows", {}).items())
+    if not rows:
+        return "\n".join(text) + _missing("method_table --set")
+    text.append(f"Machine: {_machine(data)}.\n")
+    text.append("| variant | held-out accuracy: base → trained | gain [95% CI] | verdict | matched score gain [95% CI] "
+                "| trained reward gain [95% CI] | seeds |")
+    text.append("|---|---|---|---|---|---|---|")
+    for label, row in rows:
+        accuracy = row["heldout"]["accuracy"]
+        changes = ", ".join(f"`{k}={v}`" for k, v in row.get("variant", {}).get("settings", {}).items())
+        text.append(f"| {row['method']} with {changes or label} | {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} "
+                    f"| {_gain(accuracy)} | {_verdict(accuracy)} | {_gain(row['heldout'].get('mean_score'))} "
+                    f"| {_gain(row.get('train_reward'))} | {len(row['seeds'])} |")
+    return "\n".join(text) + "\n\n"
+
+
 def _overoptimisation_section() -> str:
     data = _load("overoptimisation")
     text = ["## Over-optimising a learned reward\n",
@@ -310,6 +333,7 @@ def results_page() -> str:
         "Timings are ratios measured in one run (interleaved, medians), so they transfer across machines better "
         "than seconds do.\n",
         _methods_section(),
+        _variants_section(),
         _grpo_cost_section(),
         _dpok_section(),
         _overoptimisation_section(),
