@@ -28,6 +28,7 @@ def _load(model: str, device: str = "cpu"):  # noqa: ANN202
 
 # -- pretrain -------------------------------------------------------------------------------------
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from reference_impls.models.components import TinyModelConfig
     from reference_impls.models.pretrain import PretrainConfig, pretrain
 
     if args.world != "shapes":
@@ -46,7 +47,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.init_from and not Path(args.init_from).is_dir():
         raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
-    provenance = pretrain(config, Path(args.out), command=command)
+    model_config = TinyModelConfig(coordinate_channels=args.coordinate_channels)
+    if args.init_from:  # a continuation keeps the architecture of the checkpoint it starts from
+        from reference_impls.models.shapes_model import MODEL_FILE
+
+        saved = json.loads((Path(args.init_from) / MODEL_FILE).read_text(encoding="utf-8"))["config"]
+        model_config = TinyModelConfig(**{**saved, "block_out_channels": tuple(saved["block_out_channels"])})
+        if args.coordinate_channels and not model_config.coordinate_channels:
+            raise UsageError(f"--coordinate-channels: {args.init_from} was made without them; "
+                             "start from scratch (no --init-from) to add them")
+    provenance = pretrain(config, Path(args.out), model_config=model_config, command=command)
     policy = _load(args.out)
     scores = _heldout_scores(policy, n=args.eval_n)
     provenance["heldout_eval"] = scores
@@ -289,6 +299,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="train",
                    help="data mix: a prompt split or several joined by commas, each drawn with equal probability "
                         "(train,train-position doubles down on spatial relations)")
+    p.add_argument("--coordinate-channels", action="store_true",
+                   help="give the UNet x/y coordinate input channels (a new architecture: not with --init-from "
+                        "of a checkpoint made without them)")
     p.add_argument("--save-every", type=int, default=None,
                    help="write the weight average to --out every N steps (atomically)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")

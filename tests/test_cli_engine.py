@@ -121,3 +121,27 @@ def test_pretrain_snapshots_are_loadable_checkpoints(tmp_path) -> None:
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["steps_done"] == 3 and "snapshot" not in provenance
     assert load_policy(str(out)).kind == "flow"
+
+
+def test_coordinate_channels_hold_x_and_y_and_survive_a_save_and_load(tmp_path) -> None:
+    import torch
+
+    from reference_impls.models.components import TinyModelConfig, coordinate_maps
+    from reference_impls.models.policy import Conditioning
+    from reference_impls.models.shapes_model import build_shapes_policy, load_shapes_policy, save_shapes_policy
+
+    maps = coordinate_maps(torch.zeros(2, 3, 4, 5))
+    assert maps.shape == (2, 2, 4, 5)
+    assert maps[0, 0, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]  # x runs left to right along a row
+    assert maps[0, 1, :, 0].tolist() == pytest.approx([-1.0, -1 / 3, 1 / 3, 1.0])  # y runs top to bottom
+    config = TinyModelConfig(coordinate_channels=True)
+    policy = build_shapes_policy("flow", config, seed=0)
+    assert policy.denoiser.config.in_channels == 5
+    save_shapes_policy(policy, tmp_path / "coord", config)
+    loaded = load_shapes_policy(tmp_path / "coord")
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500.0, 500.0])
+    cond = Conditioning(torch.zeros(2, 4, config.text_hidden_size))
+    with torch.no_grad():
+        expected = policy.call_denoiser(policy.denoiser, x, t, cond)
+        assert expected.shape == x.shape
+        assert torch.equal(loaded.call_denoiser(loaded.denoiser, x, t, cond), expected)

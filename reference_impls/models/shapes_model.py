@@ -25,6 +25,7 @@ from reference_impls.models.components import (
     build_scheduler,
     build_text_encoder,
     build_unet,
+    coordinate_maps,
 )
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 from reference_impls.models.tokenizer import WordTokenizer
@@ -81,6 +82,8 @@ def _make_policy(
     network: str = "native",
 ) -> GenerativePolicy:
     def raw_output(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if config.coordinate_channels:
+            x = torch.cat([x, coordinate_maps(x)], dim=1)
         return module(x, t, encoder_hidden_states=cond.hidden_states).sample
 
     v_prediction = getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction"
