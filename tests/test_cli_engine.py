@@ -128,7 +128,11 @@ def test_coordinate_channels_hold_x_and_y_and_survive_a_save_and_load(tmp_path) 
 
     from reference_impls.models.components import TinyModelConfig, coordinate_maps
     from reference_impls.models.policy import Conditioning
-    from reference_impls.models.shapes_model import build_shapes_policy, load_shapes_policy, save_shapes_policy
+    from reference_impls.models.shapes_model import (
+        build_shapes_policy,
+        load_shapes_policy,
+        save_shapes_policy,
+    )
 
     maps = coordinate_maps(torch.zeros(2, 3, 4, 5))
     assert maps.shape == (2, 2, 4, 5)

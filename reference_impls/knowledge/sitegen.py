@@ -30,6 +30,9 @@ GENERATED_DIRS = ("families", "methods", "assets/generated", "code", "bib")
 CODE_DIR = "code"
 """Implementation files are served from here, so a page's code link works on any copy of the site."""
 TIMELINE = "assets/generated/timeline.png"
+MOTION_STRIP = "assets/generated/motionworld.png"
+MOTION_EXAMPLES = ("a red circle moving right", "a blue square moving up quickly",
+                   "a green triangle moving left slowly", "a red circle moving down and a yellow square moving left")
 HANDWRITTEN = "_handwritten"
 SUMMARIES = "summaries"
 """``docs/_handwritten/summaries/<key>.md``: key idea, reported result and code of a catalogued method."""
@@ -543,7 +546,29 @@ def render(catalog: Catalog, docs_dir: Path) -> dict[str, bytes]:
         if source.is_file():
             outputs[f"{CODE_DIR}/{source.name}"] = source.read_bytes()
     outputs[TIMELINE] = timeline_png(catalog)
+    outputs[MOTION_STRIP] = motion_strip_png()
     return outputs
+
+
+def motion_strip_png(scale: int = 3, gap: int = 2) -> bytes:
+    """Ground-truth MotionWorld clips, one prompt per row (``MOTION_EXAMPLES``), frames left to right."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from reference_impls.worlds.motion import render_clips
+
+    clips = render_clips(MOTION_EXAMPLES, seed=0)
+    n, frames, side = clips.shape[0], clips.shape[1], clips.shape[2] * scale
+    canvas = np.full((n * (side + gap) - gap, frames * (side + gap) - gap, 3), 200, dtype=np.uint8)
+    for row in range(n):
+        for frame in range(frames):
+            tile = clips[row, frame].repeat(scale, axis=0).repeat(scale, axis=1)
+            canvas[row * (side + gap):row * (side + gap) + side, frame * (side + gap):frame * (side + gap) + side] = tile
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def generate(docs_dir: Path, catalog: Catalog | None = None) -> dict[str, list]:
