@@ -36,7 +36,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
                             seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
-                            stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every)
+                            stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every,
+                            time_shift=args.time_shift)
     from reference_impls.worlds import prompt_split
 
     for name in args.prompts.split(","):
@@ -299,6 +300,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="train",
                    help="data mix: a prompt split or several joined by commas, each drawn with equal probability "
                         "(train,train-position doubles down on spatial relations)")
+    p.add_argument("--time-shift", type=float, default=1.0,
+                   help="flow models: SD3-style shift of the noise-level draw (>1 trains more on high noise)")
     p.add_argument("--coordinate-channels", action="store_true",
                    help="give the UNet x/y coordinate input channels (a new architecture: not with --init-from "
                         "of a checkpoint made without them)")

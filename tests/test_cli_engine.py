@@ -149,3 +149,13 @@ def test_coordinate_channels_hold_x_and_y_and_survive_a_save_and_load(tmp_path) 
         expected = policy.call_denoiser(policy.denoiser, x, t, cond)
         assert expected.shape == x.shape
         assert torch.equal(loaded.call_denoiser(loaded.denoiser, x, t, cond), expected)
+
+
+def test_time_shift_keeps_the_endpoints_and_moves_training_to_high_noise() -> None:
+    import torch
+
+    from reference_impls.models.pretrain import shifted_noise_level
+
+    s = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(shifted_noise_level(s, 1.0), s)
+    assert shifted_noise_level(s, 3.0).tolist() == pytest.approx([0.0, 0.5, 0.75, 1.0])  # 3s / (1 + 2s)
