@@ -7,6 +7,11 @@ model and guidance scale (deterministic ODE/DDIM sampler, 20 steps, two draws pe
 
     python -m benchmarks.relation_given_objects [--model shapes-flow] [--guidance-scale 1 3]
 
+It also measures what the text encoder hands the UNet: for every held-out position prompt, the distance
+between its hidden states and those of the same prompt with one word swapped (left <-> right,
+above <-> below; or the first object's colour), at the swapped word and averaged over the words after it.
+A word the encoder barely separates cannot steer the image, however the UNet is trained.
+
 Writes ``benchmarks/results/relation_given_objects.json``.
 """
 
@@ -53,6 +58,33 @@ def relation_rates(model: str, guidance_scale: float, split: str = "heldout", se
     }
 
 
+SWAPS = {"relation": {"left": "right", "right": "left", "above": "below", "below": "above"},
+         "colour": {"red": "green", "green": "red", "blue": "yellow", "yellow": "blue"}}
+
+
+@torch.no_grad()
+def text_separation(model: str, split: str = "heldout") -> dict:
+    """Mean hidden-state distance between a position prompt and its one-word swap, at and after the word."""
+    policy = load_policy(model)
+    prompts = [p for p in prompt_split(split) if as_spec(p).relation is not None]
+    out: dict[str, dict[str, float]] = {}
+    for kind, swap in SWAPS.items():
+        at_word, after_word = [], []
+        for prompt in prompts:
+            words = prompt.split()
+            index = next(i for i, w in enumerate(words) if w in swap)
+            other = " ".join(swap[w] if i == index else w for i, w in enumerate(words))
+            hidden = policy.encode_text([prompt, other]).hidden_states
+            distance = (hidden[0] - hidden[1]).norm(dim=-1)
+            token = index + 1  # after the BOS token; the tokenizer is word-level
+            at_word.append(float(distance[token]))
+            after_word.append(float(distance[token + 1:len(words) + 1].mean()))
+        out[kind] = {"at_word": float(np.mean(at_word)), "after_word": float(np.mean(after_word))}
+    norms = policy.encode_text(prompts[:32]).hidden_states.norm(dim=-1)
+    out["hidden_state_norm"] = float(norms.mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes-flow")
@@ -64,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['model']} guidance {row['guidance_scale']}: both objects drawn {row['both_objects_drawn']:.3f}, "
               f"relation holds given both {row['relation_given_both']:.3f} "
               + " ".join(f"{k} {v['rate']:.2f} (n={v['n']})" for k, v in row["per_relation"].items()))
+    separation = text_separation(args.model)
+    print(f"text encoder of {args.model}: hidden-state norm {separation['hidden_state_norm']:.2f}; one-word swap moves it "
+          + ", ".join(f"{k} {v['at_word']:.2f} at the word / {v['after_word']:.2f} after it"
+                      for k, v in separation.items() if isinstance(v, dict)))
     out = RESULTS_DIR / "relation_given_objects.json"
-    out.write_text(json.dumps({"machine": machine_description(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    out.write_text(json.dumps({"machine": machine_description(), "rows": rows, "text_separation": separation},
+                              indent=2) + "\n", encoding="utf-8")
     return 0
 
 
