@@ -308,14 +308,18 @@ def overoptimisation_figure_png(data: dict[str, Any]) -> bytes:
     figure = Figure(figsize=(8.4, 3.0), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     proxy_ax, exact_ax = figure.subplots(1, 2)
+    base = data["runs"][0]["curve"][0]  # every run starts from the same model: KL 0, the base's scores
+    for ax, key in ((proxy_ax, "proxy_reward"), (exact_ax, "mean_score")):
+        ax.axhline(base[key], color="grey", ls="--", lw=1, label="base model (KL 0)")
     for run in data["runs"]:
-        kl = [max(p["kl"], 1e-2) for p in run["curve"]]  # KL is 0 at the start: drawn at the axis floor
+        points = [p for p in run["curve"] if p["kl"] > 0]  # a log axis has no 0: the base is the dashed line
+        kl = [p["kl"] for p in points]
         label = f"lr {run['learning_rate']:g}"
-        proxy_ax.plot(kl, [p["proxy_reward"] for p in run["curve"]], marker="o", ms=3, label=label)
-        exact_ax.plot(kl, [p["mean_score"] for p in run["curve"]], marker="o", ms=3, label=label)
+        proxy_ax.plot(kl, [p["proxy_reward"] for p in points], marker="o", ms=3, label=label)
+        exact_ax.plot(kl, [p["mean_score"] for p in points], marker="o", ms=3, label=label)
     for ax, title in ((proxy_ax, "proxy reward (trained on)"), (exact_ax, "exact matched score (never seen)")):
         ax.set_xscale("log")
-        ax.set_xlabel("KL(trained chain || base chain)", fontsize=8)
+        ax.set_xlabel("KL(trained chain || base chain), nats; points every 10 iterations", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
