@@ -40,6 +40,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                             time_shift=args.time_shift)
     from reference_impls.worlds import prompt_split
 
+    if args.time_shift <= 0 or (args.time_shift != 1.0 and args.model != "flow"):
+        raise UsageError(f"--time-shift {args.time_shift}: must be > 0, and applies to --model flow only")
     for name in args.prompts.split(","):
         try:
             prompt_split(name.strip())

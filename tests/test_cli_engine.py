@@ -51,6 +51,7 @@ def test_eval_reports_per_criterion_accuracy(capsys):
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--samples-per-prompt", "0"], ">= 1"),
         (["pretrain", "--model", "flow", "--init-from", "no/such/folder", "--out", "x.png"], "no such checkpoint"),
         (["pretrain", "--model", "flow", "--prompts", "train,train-colour", "--out", "x.png"], "train-color_attr"),
+        (["pretrain", "--model", "diffusion", "--time-shift", "3", "--out", "x.png"], "--model flow only"),
     ],
 )
 def test_bad_input_exits_2_with_what_is_allowed(args, expected, tmp_path):
