@@ -55,6 +55,8 @@ bench: install
 	$(PY) -m benchmarks.update_overhead
 	$(PY) -m benchmarks.grpo_step_cost
 	$(PY) -m benchmarks.dpok_kl_share
+	$(PY) -m benchmarks.relation_given_objects
+	$(PY) -m benchmarks.overoptimisation
 	$(PY) -m benchmarks.method_table --seeds 0 1 2
 
 clean:
