@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -192,6 +193,12 @@ def test_formula_renders_with_local_mathjax(browser, site_url: str, built_site: 
     blocks = browser.find_elements(By.CSS_SELECTOR, "div.arithmatex")
     assert all(browser.execute_script("return getComputedStyle(arguments[0]).overflowX", b) == "auto" for b in blocks)
     browser.save_screenshot(str(ARTIFACTS / "formula.png"))
+    # No request of the page failed (MathJax's TeX fonts are not shipped: nothing may ask for them).
+    time.sleep(1)  # fonts are requested when the (hidden) assistive MathML is laid out, after rendering
+    failed = browser.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.responseStatus >= 400).map(e => e.responseStatus + ' ' + e.name)")
+    assert not failed, failed
 
 
 def test_taxonomy_shows_every_modality_column_at_1400px(browser, site_url: str, catalog) -> None:

@@ -15,6 +15,19 @@ window.MathJax = {
     ignoreClass: ".*",
     processClass: "arithmatex"
   },
+  // The combined config also defines the NativeMML output, whose styles declare @font-face rules for TeX
+  // fonts this package does not ship (fonts/HTML-CSS/TeX/otf). The hidden assistive MathML matches them and
+  // the browser requests the files: 404s. Locally installed fonts only, so nothing is requested.
+  NativeMML: {
+    styles: {
+      "@font-face /*1*/": { src: "local('MathJax_Caligraphic')" },
+      "@font-face /*2*/": { src: "local('MathJax_Caligraphic Bold')" },
+      "@font-face /*3*/": { src: "local('MathJax_AMS')" },
+      "@font-face /*4*/": { src: "local('MathJax_Script')" },
+      "@font-face /*5*/": { src: "local('MathJax_Fraktur')" },
+      "@font-face /*6*/": { src: "local('MathJax_Fraktur Bold')" }
+    }
+  },
   showMathMenu: false,
   messageStyle: "none"
 };
