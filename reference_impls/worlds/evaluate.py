@@ -357,15 +357,25 @@ def aggregate(evaluations: Sequence[Evaluation]) -> dict[str, float]:
         "criteria_score": float(np.mean([e.criteria_score for e in evaluations])),
         "objects_per_image": float(np.mean([len(e.objects) for e in evaluations])),
     }
-    for name in CRITERIA:
+    out.update(accuracy_by_criterion_and_task(evaluations, CRITERIA, TASKS))
+    return out
+
+
+def accuracy_by_criterion_and_task(evaluations: Sequence, criteria: Sequence[str],
+                                   tasks: Sequence[str]) -> dict[str, float]:
+    """Per-criterion accuracy over the evaluations that have the criterion, ``task_<name>`` accuracy per task
+    present, and ``task_mean``, their unweighted mean (any world whose verdicts carry ``criteria``,
+    ``correct`` and ``task``)."""
+    out: dict[str, float] = {}
+    for name in criteria:
         values = [e.criteria[name] for e in evaluations if name in e.criteria]
         if values:
             out[name] = float(np.mean(values))
-    tasks = []
-    for task in TASKS:
+    present = []
+    for task in tasks:
         values = [e.correct for e in evaluations if e.task == task]
         if values:
             out[f"task_{task}"] = float(np.mean(values))
-            tasks.append(out[f"task_{task}"])
-    out["task_mean"] = float(np.mean(tasks))
+            present.append(out[f"task_{task}"])
+    out["task_mean"] = float(np.mean(present))
     return out

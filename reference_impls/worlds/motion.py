@@ -37,7 +37,7 @@ from functools import cache
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .evaluate import EXTRA_OBJECT_COST, DetectedObject, detect_objects
+from .evaluate import EXTRA_OBJECT_COST, DetectedObject, accuracy_by_criterion_and_task, detect_objects
 from .grammar import COLOURS, SHAPES
 from .render import BORDER, GAP, REFERENCE_SIZE, PlacedObject, draw
 
@@ -388,15 +388,5 @@ def aggregate_motion(evaluations: Sequence[MotionEvaluation]) -> dict[str, float
         raise ValueError("no evaluations to aggregate")
     out = {"n": float(len(evaluations)), "accuracy": float(np.mean([e.correct for e in evaluations])),
            "mean_score": float(np.mean([e.score for e in evaluations]))}
-    for name in CRITERIA:
-        values = [e.criteria[name] for e in evaluations if name in e.criteria]
-        if values:
-            out[name] = float(np.mean(values))
-    tasks = []
-    for task in TASKS:
-        values = [e.correct for e in evaluations if e.task == task]
-        if values:
-            out[f"task_{task}"] = float(np.mean(values))
-            tasks.append(out[f"task_{task}"])
-    out["task_mean"] = float(np.mean(tasks))
+    out.update(accuracy_by_criterion_and_task(evaluations, CRITERIA, TASKS))
     return out
