@@ -31,14 +31,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from reference_impls.models.components import TinyModelConfig
     from reference_impls.models.pretrain import PretrainConfig, pretrain
 
-    if args.world != "shapes":
-        raise UsageError(f"unknown world {args.world!r}; valid worlds: shapes")
+    from reference_impls.models.pretrain import WORLDS
+
+    if args.world not in WORLDS:
+        raise UsageError(f"unknown world {args.world!r}; valid worlds: {', '.join(WORLDS)}")
     _set_threads(args.threads)
     config = PretrainConfig(kind=args.model, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
                             seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
                             stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every,
-                            time_shift=args.time_shift)
+                            time_shift=args.time_shift, world=args.world, frames=args.frames,
+                            inflate_from=args.inflate_from or f"shapes-{args.model}")
     from reference_impls.worlds import prompt_split
+
+    if args.world == "motion":
+        from reference_impls.worlds.motion import motion_prompt_split as prompt_split  # noqa: F811
+
+        if not 2 <= args.frames <= 16:
+            raise UsageError(f"--frames {args.frames}: a motion model takes 2 to 16 frames")
+        if args.coordinate_channels:
+            raise UsageError("--coordinate-channels applies to --world shapes only")
 
     if args.time_shift <= 0 or (args.time_shift != 1.0 and args.model != "flow"):
         raise UsageError(f"--time-shift {args.time_shift}: must be > 0, and applies to --model flow only")
@@ -60,6 +71,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             raise UsageError(f"--coordinate-channels: {args.init_from} was made without them; "
                              "start from scratch (no --init-from) to add them")
     provenance = pretrain(config, Path(args.out), model_config=model_config, command=command)
+    if args.eval_n == 0:
+        print(json.dumps({"out": args.out, "steps_done": provenance["steps_done"]}, indent=2))
+        return 0
     policy = _load(args.out)
     scores = _heldout_scores(policy, n=args.eval_n)
     provenance["heldout_eval"] = scores
@@ -288,7 +302,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     models = ", ".join(SHIPPED_MODELS)
     p = subparsers.add_parser("pretrain", help="pretrain a tiny base model on a synthetic world (deterministic)")
-    p.add_argument("--world", default="shapes", help="synthetic world (shapes)")
+    p.add_argument("--world", default="shapes",
+                   help="synthetic world: shapes (images) or motion (clips; the model starts from --inflate-from)")
+    p.add_argument("--frames", type=int, default=8, help="motion world: frames per clip")
+    p.add_argument("--inflate-from", default=None,
+                   help="motion world: the ShapeWorld model of the same kind to inflate (default: shapes-<model>)")
     p.add_argument("--model", choices=["diffusion", "flow"], required=True, help="model kind")
     p.add_argument("--steps", type=int, default=1800, help="optimiser steps (the run is deterministic in them)")
     p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap")
@@ -310,7 +328,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=None,
                    help="write the weight average to --out every N steps (atomically)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--eval-n", type=int, default=256, help="held-out prompts scored into provenance.json")
+    p.add_argument("--eval-n", type=int, default=256,
+                   help="held-out prompts scored into provenance.json (0: skip the evaluation)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
     p.set_defaults(handler=_cmd_pretrain)
 

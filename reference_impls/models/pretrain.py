@@ -66,9 +66,27 @@ class PretrainConfig:
     save_every: int | None = None
     """Write the weight average to the output folder (atomically) every this many steps, so a long run
     can be evaluated while it goes on and a killed run keeps its last snapshot."""
+    world: str = "shapes"
+    """shapes (32x32 images) or motion (MotionWorld clips). A motion model starts from ``inflate_from``
+    (unless ``init_from`` continues a motion checkpoint) and trains on clips of ``frames`` frames."""
+    inflate_from: str = "shapes-flow"
+    """Motion world: the ShapeWorld image model (shipped name or folder) whose weights the video model
+    starts from, per frame, with zero-initialised temporal layers."""
+    frames: int = 8
+    """Motion world: frames per training clip (and of the model's samples)."""
 
 
-def _render_batch(prompts: list[str], rng: np.random.Generator) -> torch.Tensor:
+WORLDS = ("shapes", "motion")
+
+
+def _render_batch(prompts: list[str], rng: np.random.Generator, world: str = "shapes",
+                  frames: int = 8) -> torch.Tensor:
+    """Ground truth in [-1, 1]: (B, 3, H, W) images, or (B, 3, F, H, W) clips for the motion world."""
+    if world == "motion":
+        from reference_impls.worlds.motion import render_clip
+
+        clips = np.stack([render_clip(p, rng, frames) for p in prompts]).astype(np.float32) / 127.5 - 1.0
+        return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).contiguous()
     from reference_impls.worlds import render
 
     images = np.stack([render(p, rng) for p in prompts]).astype(np.float32) / 127.5 - 1.0
@@ -107,15 +125,15 @@ def _loss(policy: GenerativePolicy, x0: torch.Tensor, prompts: list[str], genera
     noise = torch.randn(x0.shape, generator=generator)
     if policy.kind == "diffusion":
         t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
-        a = policy.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        a = policy.scheduler.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1))).float()
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
         return torch.mean((policy.call_denoiser.raw(policy.denoiser, x_t, t, cond) - target) ** 2)
     s = torch.rand(x0.shape[0], generator=generator)
     if time_shift != 1.0:
         s = shifted_noise_level(s, time_shift)
-    s4 = s.view(-1, 1, 1, 1)
-    x_s = (1 - s4) * x0 + s4 * noise
+    s_ = s.view(-1, *([1] * (x0.dim() - 1)))
+    x_s = (1 - s_) * x0 + s_ * noise
     return torch.mean((policy.predict(x_s, s * 1000, cond) - (noise - x0)) ** 2)
 
 
@@ -124,12 +142,27 @@ def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str) -> Non
     from reference_impls.models.shapes_model import MODEL_FILE, load_shapes_policy
 
     meta = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    if meta.get("world", "shapes") != policy.world:
+        raise ValueError(f"--init-from {folder} holds a {meta.get('world', 'shapes')} model; this run trains "
+                         f"a {policy.world} model")
     if meta["kind"] != kind or meta.get("network", "native") != "native":
         raise ValueError(f"--init-from {folder} holds a {meta['kind']} model with network "
                          f"{meta.get('network', 'native')!r}; pretraining needs a native {kind} checkpoint")
     source = load_shapes_policy(folder)
     policy.denoiser.load_state_dict(source.denoiser.state_dict())
     policy.text_encoder.text_encoder.load_state_dict(source.text_encoder.text_encoder.state_dict())
+
+
+def _inflated_start(config: PretrainConfig, model_config: TinyModelConfig) -> GenerativePolicy:
+    """The motion model before training: ``inflate_from`` per frame, zero temporal layers, new words."""
+    from reference_impls.models.loading import load_policy
+    from reference_impls.models.shapes_model import inflate_to_motion_policy
+
+    image = load_policy(config.inflate_from)
+    if image.world != "shapes" or image.kind != config.kind:
+        raise ValueError(f"--inflate-from {config.inflate_from} is a {image.kind} model of world {image.world}; "
+                         f"a motion {config.kind} model inflates a shapes {config.kind} model")
+    return inflate_to_motion_policy(image, config.frames, model_config, seed=config.seed)
 
 
 def _git_commit() -> str:
@@ -145,11 +178,20 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
     """Train from scratch and write a checkpoint folder atomically; returns the provenance record."""
     from reference_impls.worlds import prompt_split
 
+    if config.world not in WORLDS:
+        raise ValueError(f"unknown world {config.world!r}; valid worlds: {', '.join(WORLDS)}")
     model_config = model_config or TinyModelConfig()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    policy = build_shapes_policy(config.kind, model_config, seed=config.seed)
+    split_prompts = prompt_split
+    if config.world == "motion":
+        from reference_impls.worlds.motion import motion_prompt_split
+
+        split_prompts = motion_prompt_split
+        policy = _inflated_start(config, model_config)
+    else:
+        policy = build_shapes_policy(config.kind, model_config, seed=config.seed)
     if config.init_from:
         _load_weights_into(policy, Path(config.init_from), config.kind)
     modules = torch.nn.ModuleList([policy.denoiser, policy.text_encoder.text_encoder])
@@ -165,7 +207,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
         return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress_)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    prompt_pools = [prompt_split(name.strip()) for name in config.prompts.split(",")]
+    prompt_pools = [split_prompts(name.strip()) for name in config.prompts.split(",")]
     start = time.perf_counter()
     bar = None
     if progress:
@@ -176,7 +218,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
     step = 0
     for step in range(config.steps):
         prompts = _draw_prompts(prompt_pools, config.batch_size, rng)
-        x0 = _render_batch(prompts, rng)
+        x0 = _render_batch(prompts, rng, config.world, config.frames)
         dropped = rng.random(config.batch_size) < config.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, dropped)]
         loss = _loss(policy, x0, prompts, generator, config.time_shift)

@@ -29,6 +29,7 @@ from reference_impls.models.components import (
 )
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 from reference_impls.models.tokenizer import WordTokenizer
+from reference_impls.models.video_model import InflatedVideoUNet
 
 MODEL_FILE = "rlvg_model.json"
 
@@ -39,6 +40,15 @@ def shapes_vocabulary() -> list[str]:
 
     words = {word for prompt in all_prompts() for word in WordTokenizer(words=[]).split(prompt)}
     return sorted(words)
+
+
+def motion_vocabulary() -> list[str]:
+    """ShapeWorld's words and MotionWorld's, sorted: a video model inflated from an image model keeps every
+    word embedding it had and learns the new ones (moving, up, down, slowly, quickly)."""
+    from reference_impls.worlds.motion import all_motion_prompts
+
+    words = {word for prompt in all_motion_prompts() for word in WordTokenizer(words=[]).split(prompt)}
+    return sorted(words | set(shapes_vocabulary()))
 
 
 class TextConditioner(torch.nn.Module):
@@ -64,7 +74,7 @@ def _vp_epsilon_from_flow(raw_output, module, x, t, cond, alphas_cumprod):  # no
     v = eps - x0, the network's velocity at (x_s, s) gives eps_hat = x_s + (1 - s) v_hat.
     """
     index = (t.round() if t.is_floating_point() else t).long().expand(x.shape[0])
-    abar = alphas_cumprod.to(x.device, x.dtype)[index].view(-1, 1, 1, 1)
+    abar = alphas_cumprod.to(x.device, x.dtype)[index].view(-1, *([1] * (x.dim() - 1)))
     a, b = abar.sqrt(), (1 - abar).sqrt()
     s = b / (a + b)
     x_s = x / (a + b)
@@ -80,7 +90,9 @@ def _make_policy(
     scheduler: object,
     config: TinyModelConfig,
     network: str = "native",
+    frames: int | None = None,
 ) -> GenerativePolicy:
+    """``frames``: None for the ShapeWorld image model, else the clip length of a MotionWorld video model."""
     def raw_output(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if config.coordinate_channels:
             x = torch.cat([x, coordinate_maps(x)], dim=1)
@@ -95,7 +107,7 @@ def _make_policy(
         if kind == "diffusion" and v_prediction:
             # eps = sqrt(a_t) v + sqrt(1 - a_t) x_t: samplers work in the epsilon parametrisation
             index = (t.round() if t.is_floating_point() else t).long().expand(x.shape[0])
-            a = scheduler.alphas_cumprod.to(x.device, x.dtype)[index].view(-1, 1, 1, 1)
+            a = scheduler.alphas_cumprod.to(x.device, x.dtype)[index].view(-1, *([1] * (x.dim() - 1)))
             return a.sqrt() * output + (1 - a).sqrt() * x
         return output
 
@@ -108,9 +120,10 @@ def _make_policy(
         scheduler=scheduler,
         encode_text=conditioner,
         call_denoiser=call_unet,
-        latent_shape=(3, config.image_size, config.image_size),
+        latent_shape=(3, config.image_size, config.image_size) if frames is None
+        else (3, frames, config.image_size, config.image_size),
         text_encoder=conditioner,
-        world="shapes",
+        world="shapes" if frames is None else "motion",
     )
 
 
@@ -134,8 +147,10 @@ def save_shapes_policy(policy: GenerativePolicy, directory: str | Path, config: 
     conditioner.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
     conditioner.tokenizer.save_pretrained(directory / "tokenizer")
     policy.scheduler.save_pretrained(directory / "scheduler")
-    meta = {"format": 1, "kind": policy.kind, "prediction": policy.prediction, "world": "shapes",
+    meta = {"format": 1, "kind": policy.kind, "prediction": policy.prediction, "world": policy.world,
             "config": asdict(config)}
+    if policy.world == "motion":
+        meta["frames"] = int(policy.latent_shape[1])
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
@@ -146,13 +161,15 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     config = TinyModelConfig(**raw)
     kind = meta["kind"]
-    unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
+    frames = meta.get("frames") if meta.get("world") == "motion" else None
+    unet_class = UNet2DConditionModel if frames is None else InflatedVideoUNet
+    unet = unet_class.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
     tokenizer = WordTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler
     scheduler = scheduler_cls.from_pretrained(directory / "scheduler")
     policy = _make_policy(name or str(directory), kind, unet, TextConditioner(tokenizer, text_encoder),
-                          scheduler, config, network=meta.get("network", "native"))
+                          scheduler, config, network=meta.get("network", "native"), frames=frames)
     policy.text_encoder.requires_grad_(False)
     policy.text_encoder.eval()
     unet.eval()
@@ -186,3 +203,34 @@ def derive_vp_diffusion_from_flow(flow_dir: str | Path, out_dir: str | Path) -> 
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
     return meta
+
+
+def inflate_to_motion_policy(image_policy: GenerativePolicy, frames: int, config: TinyModelConfig,
+                             seed: int = 0) -> GenerativePolicy:
+    """A MotionWorld video model that starts as ``image_policy`` applied to every frame.
+
+    The denoiser is inflated with zero-initialised temporal attention (:mod:`video_model`); the tokenizer
+    gains MotionWorld's words, whose embeddings start random while every known word keeps its row.
+    """
+    if image_policy.world != "shapes":
+        raise ValueError(f"can only inflate a ShapeWorld image model, got world {image_policy.world!r}")
+    torch.manual_seed(seed)
+    old = image_policy.text_encoder
+    assert isinstance(old, TextConditioner)
+    tokenizer = WordTokenizer(words=motion_vocabulary(), model_max_length=config.max_tokens)
+    text_encoder = build_text_encoder(config, tokenizer)
+    state = {k: v for k, v in old.text_encoder.state_dict().items() if "token_embedding" not in k}
+    text_encoder.load_state_dict(state, strict=False)
+    old_rows = old.text_encoder.get_input_embeddings().weight
+    new_rows = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for index, token in enumerate(tokenizer.vocabulary):
+            old_index = old.tokenizer.id_of(token)
+            if old_index is not None:
+                new_rows[index] = old_rows[old_index]
+    unet = InflatedVideoUNet.inflate(image_policy.denoiser)
+    policy = _make_policy(f"inflated-{image_policy.name}", image_policy.kind, unet,
+                          TextConditioner(tokenizer, text_encoder), image_policy.scheduler, config, frames=frames)
+    policy.text_encoder.requires_grad_(True)
+    policy.text_encoder.train()
+    return policy

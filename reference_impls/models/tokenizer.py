@@ -50,6 +50,10 @@ class WordTokenizer:
     def eos_token_id(self) -> int:
         return self._index["<eos>"]
 
+    def id_of(self, token: str) -> int | None:
+        """The id of a word or special token, None if it is not in the vocabulary."""
+        return self._index.get(token)
+
     def split(self, text: str) -> list[str]:
         return _WORD.findall(text.lower())
 
