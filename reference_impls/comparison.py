@@ -90,14 +90,14 @@ class ComparisonReport:
                 "rows": {name: row.as_dict() for name, row in self.rows.items()}}
 
 
-def comparison_prompts(split: str = "heldout", n: int | None = None) -> list[str]:
+def comparison_prompts(split: str = "heldout", n: int | None = None, world: str = "shapes") -> list[str]:
     """The prompts of a comparison: the whole split in its fixed order, or ``n`` of them (seeded order)."""
     from reference_impls.evaluation import heldout_prompts
-    from reference_impls.worlds import prompt_split
+    from reference_impls.worlds.registry import get_world
 
     if n is None:
-        return prompt_split(split)
-    return heldout_prompts(n, split=split)
+        return get_world(world).prompt_split(split)
+    return heldout_prompts(n, split=split, world=world)
 
 
 @torch.no_grad()
@@ -108,16 +108,16 @@ def score_model(policy: GenerativePolicy, prompts: Sequence[str], sampler: Sampl
     The list of prompts is expanded prompt-major, so any two models given the same arguments start every
     image from the same initial noise.
     """
-    from reference_impls.worlds import evaluate_batch
+    from reference_impls.worlds.registry import get_world, to_uint8
 
+    world = get_world(policy.world or "shapes")
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     was_training = policy.denoiser.training
     policy.denoiser.eval()
     images = generate(policy, expanded, sampler, seed, batch_size)
     if was_training:
         policy.denoiser.train()
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    evaluations = evaluate_batch(array, expanded)
+    evaluations = world.evaluate(to_uint8(images), expanded)
     rewards = None
     if reward_name is not None:
         from reference_impls.rewards import get_reward
@@ -171,11 +171,13 @@ def bootstrap_interval(base: np.ndarray, models: np.ndarray, strata: Sequence[st
 
 
 def compare_scores(prompts: Sequence[str], base: ModelScores, models: Sequence[ModelScores],
-                   samples_per_prompt: int, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> ComparisonReport:
+                   samples_per_prompt: int, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                   world: str = "shapes") -> ComparisonReport:
     """Overall and per-task rows (accuracy, mean score, reward if present) from already scored models."""
-    from reference_impls.worlds import TASKS, prompt_task
+    from reference_impls.worlds.registry import get_world
 
-    tasks = [prompt_task(p) for p in prompts]
+    spec = get_world(world)
+    tasks = [spec.prompt_task(p) for p in prompts]
     report = ComparisonReport(list(prompts), tasks, samples_per_prompt, len(models))
     metrics = ["accuracy", "mean_score"] + (["reward"] if base.reward is not None else [])
     if base.objects is not None and all(m.objects is not None for m in models):
@@ -186,7 +188,7 @@ def compare_scores(prompts: Sequence[str], base: ModelScores, models: Sequence[M
         report.rows[metric] = bootstrap_interval(b, m, tasks, n_boot, seed)
     b = per_prompt(base.correct, samples_per_prompt)
     m = np.stack([per_prompt(s.correct, samples_per_prompt) for s in models])
-    present = [t for t in TASKS if t in tasks]
+    present = [t for t in spec.tasks if t in tasks]
     for task in present:
         keep = np.array([t == task for t in tasks])
         report.rows[f"task_{task}"] = bootstrap_interval(b[keep], m[:, keep], [task] * int(keep.sum()), n_boot, seed)
@@ -210,7 +212,8 @@ def compare_models(base: GenerativePolicy, models: Sequence[GenerativePolicy], p
     """Score the base once and every model on the same prompts and noise; return the paired report."""
     base_scores = score_model(base, prompts, sampler, seed, samples_per_prompt, reward_name)
     model_scores = [score_model(m, prompts, sampler, seed, samples_per_prompt, reward_name) for m in models]
-    return compare_scores(prompts, base_scores, model_scores, samples_per_prompt, n_boot, seed)
+    return compare_scores(prompts, base_scores, model_scores, samples_per_prompt, n_boot, seed,
+                          world=base.world or "shapes")
 
 
 def format_report(report: ComparisonReport, base_name: str, model_names: Sequence[str]) -> str:

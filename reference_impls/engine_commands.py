@@ -62,11 +62,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
     model_config = TinyModelConfig(coordinate_channels=args.coordinate_channels)
-    if args.init_from:  # a continuation keeps the architecture of the checkpoint it starts from
-        from reference_impls.models.shapes_model import MODEL_FILE
+    if args.world == "motion" and not args.init_from:  # the video model keeps the image model's sizes
+        from reference_impls.models.loading import ModelNotFoundError, resolve_model_dir
 
-        saved = json.loads((Path(args.init_from) / MODEL_FILE).read_text(encoding="utf-8"))["config"]
-        model_config = TinyModelConfig(**{**saved, "block_out_channels": tuple(saved["block_out_channels"])})
+        try:
+            model_config = _saved_model_config(resolve_model_dir(config.inflate_from))
+        except ModelNotFoundError as error:
+            raise UsageError(f"--inflate-from: {error}") from None
+    if args.init_from:  # a continuation keeps the architecture of the checkpoint it starts from
+        model_config = _saved_model_config(Path(args.init_from))
         if args.coordinate_channels and not model_config.coordinate_channels:
             raise UsageError(f"--coordinate-channels: {args.init_from} was made without them; "
                              "start from scratch (no --init-from) to add them")
@@ -82,12 +86,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_model_config(folder: Path):  # noqa: ANN202
+    from reference_impls.models.components import TinyModelConfig
+    from reference_impls.models.shapes_model import MODEL_FILE
+
+    saved = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))["config"]
+    return TinyModelConfig(**{**saved, "block_out_channels": tuple(saved["block_out_channels"])})
+
+
 def _heldout_scores(policy, n: int) -> dict:  # noqa: ANN001
     from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
 
     scores = {}
     for steps in (20,):
-        result = evaluate_policy(policy, heldout_prompts(n), default_eval_sampler(policy, steps), seed=0)
+        prompts = heldout_prompts(n, world=policy.world or "shapes")
+        result = evaluate_policy(policy, prompts, default_eval_sampler(policy, steps), seed=0)
         scores[f"{default_eval_sampler(policy, steps).name}{steps}"] = result.metrics
     return scores
 
@@ -102,13 +115,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     policy = _load(args.model, args.device)
     prompt = args.prompt
-    if policy.world == "shapes":
-        from reference_impls.worlds import PromptError, as_spec
-
+    world = _world_of(policy)
+    if world is not None:
         try:
-            prompt = as_spec(prompt).text
-        except PromptError as error:
+            prompt = world.canonical(prompt)
+        except world.prompt_error as error:
             raise UsageError(str(error)) from None
+    video = len(policy.latent_shape) == 4
+    suffixes = (".gif",) if video else (".png",)
+    if not args.out.lower().endswith(suffixes):
+        kind = "an animated .gif (a frame-strip .png is written beside it)" if video else "a .png file"
+        raise UsageError(f"--out must be {kind} for {args.model}, got {args.out}")
     sampler_name = args.sampler or ("ddim" if policy.kind == "diffusion" else "ode")
     try:
         sampler = SamplerConfig(sampler_name, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale)
@@ -118,33 +135,47 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=policy.device).manual_seed(args.seed)
     with torch.no_grad():
         trajectory = rollout(policy, [prompt] * args.n, sampler, generator, progress=True)
-    if not args.out.lower().endswith(".png"):
-        raise UsageError(f"--out must be a .png file, got {args.out}")
-    save_grid(trajectory.images, args.out, columns=min(8, args.n), scale=4)
     summary = {"out": args.out, "prompt": prompt, "sampler": sampler_name, "n": args.n}
-    if policy.world == "shapes":
-        from reference_impls.worlds import aggregate, evaluate_batch
+    if video:
+        from reference_impls.evaluation import save_gif
 
-        array = (trajectory.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        summary["evaluator"] = aggregate(evaluate_batch(array, [prompt] * args.n))
+        save_gif(trajectory.images, args.out, columns=min(4, args.n), scale=4)
+        strip = str(Path(args.out).with_suffix(".png"))
+        save_grid(trajectory.images, strip, scale=4)
+        summary["frames"] = int(trajectory.images.shape[2])
+        summary["strip"] = strip
+    else:
+        save_grid(trajectory.images, args.out, columns=min(8, args.n), scale=4)
+    if world is not None:
+        from reference_impls.worlds.registry import to_uint8
+
+        summary["evaluator"] = world.aggregate(world.evaluate(to_uint8(trajectory.images), [prompt] * args.n))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _world_of(policy):  # noqa: ANN001, ANN202
+    """The policy's synthetic world, or None for a real checkpoint (any prompt, no exact evaluator)."""
+    from reference_impls.worlds.registry import get_world
+
+    return get_world(policy.world) if policy.world else None
 
 
 # -- eval -----------------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> int:
     from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
     from reference_impls.sampling import SamplerConfig
-    from reference_impls.worlds import SPLITS
 
     _set_threads(args.threads)
-    if args.split not in SPLITS:
-        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(SPLITS)}")
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     policy = _load(args.model, args.device)
-    if policy.world != "shapes":
-        raise UsageError(f"{args.model} is not a ShapeWorld model: rlvg eval scores ShapeWorld prompts only")
+    world = _world_of(policy)
+    if world is None:
+        raise UsageError(f"{args.model} was not pretrained on a synthetic world: rlvg eval needs an exact "
+                         "evaluator (ShapeWorld or MotionWorld models)")
+    if args.split not in world.splits:
+        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(world.splits)}")
     sampler = default_eval_sampler(policy, args.steps, args.guidance_scale)
     if args.sampler:
         sampler = SamplerConfig(args.sampler, num_steps=args.steps, eta=0.0, guidance_scale=args.guidance_scale)
@@ -152,9 +183,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             sampler.validate_for(policy.kind)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    prompts = heldout_prompts(args.n, split=args.split)
+    prompts = heldout_prompts(args.n, split=args.split, world=world.name)
     result = evaluate_policy(policy, prompts, sampler, seed=args.seed)
-    report = {"model": args.model, "split": args.split, "n": args.n, "sampler": sampler.name,
+    report = {"model": args.model, "world": world.name, "split": args.split, "n": args.n, "sampler": sampler.name,
               "steps": args.steps, "seed": args.seed, **result.metrics}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -171,11 +202,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from reference_impls.comparison import compare_models, comparison_prompts, format_report
     from reference_impls.evaluation import default_eval_sampler
     from reference_impls.rewards import UnknownRewardError, get_reward
-    from reference_impls.worlds import SPLITS
 
     _set_threads(args.threads)
-    if args.split not in SPLITS:
-        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(SPLITS)}")
     for name in ("n", "samples_per_prompt", "bootstrap"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -187,14 +215,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     base = _load(args.base, args.device)
     models = [_load(m, args.device) for m in args.model]
+    world = _world_of(base)
     for name, policy in [(args.base, base), *zip(args.model, models)]:
-        if policy.world != "shapes":
-            raise UsageError(f"{name} is not a ShapeWorld model: rlvg compare scores ShapeWorld prompts only")
+        if world is None or policy.world != world.name:
+            raise UsageError(f"{name} is a model of world {policy.world!r} and {args.base} of {base.world!r}: "
+                             "a paired comparison needs two models of one synthetic world (shapes or motion)")
         if policy.kind != base.kind:
             raise UsageError(f"{name} is a {policy.kind} model and {args.base} a {base.kind} model: "
                              "a paired comparison needs the same sampler for both")
+    if args.split not in world.splits:
+        raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(world.splits)}")
     sampler = default_eval_sampler(base, args.steps, args.guidance_scale)
-    prompts = comparison_prompts(args.split, args.n)
+    prompts = comparison_prompts(args.split, args.n, world=world.name)
     report = compare_models(base, models, prompts, sampler, seed=args.seed,
                             samples_per_prompt=args.samples_per_prompt, reward_name=args.reward,
                             n_boot=args.bootstrap)
@@ -333,10 +365,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
     p.set_defaults(handler=_cmd_pretrain)
 
-    p = subparsers.add_parser("sample", help="sample a grid of images for one prompt")
+    p = subparsers.add_parser("sample", help="sample a grid of images (or a GIF of clips) for one prompt")
     p.add_argument("--model", required=True, help=f"shipped name ({models}) or local folder")
-    p.add_argument("--prompt", required=True, help="prompt (ShapeWorld grammar for shapes models)")
-    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--prompt", required=True,
+                   help="prompt (the ShapeWorld or MotionWorld grammar for the tiny models, any text otherwise)")
+    p.add_argument("--n", type=int, default=16, help="number of images (clips for a video model)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "sde", "ode"], default=None,
                    help="ddim/ddpm for diffusion models, sde/ode for flow models (default: ddim or ode)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -345,7 +378,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", required=True, help="output PNG grid")
+    p.add_argument("--out", required=True,
+                   help="output: a PNG grid for an image model; an animated GIF for a video model (with a "
+                        "frame-strip PNG of the same name beside it)")
     p.set_defaults(handler=_cmd_sample)
 
     p = subparsers.add_parser("eval", help="compositional accuracy on held-out prompts (exact evaluator)")

@@ -1,6 +1,7 @@
 """Resolve a model name or a local folder to a :class:`GenerativePolicy` (never a hub id).
 
-* ``shapes-diffusion`` / ``shapes-flow``: the checkpoints shipped in ``reference_impls/checkpoints``.
+* ``shapes-diffusion`` / ``shapes-flow`` (images), ``motion-diffusion`` / ``motion-flow`` (clips): the
+  checkpoints shipped in ``reference_impls/checkpoints``.
 * a folder with ``rlvg_model.json``: a ShapeWorld checkpoint (e.g. written by ``rlvg pretrain``/``train``).
 * a folder with ``model_index.json``: a diffusers pipeline saved with ``save_pretrained``
   (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``), loaded with ``from_pretrained(path)``.
@@ -17,6 +18,10 @@ CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED_MODELS: dict[str, str] = {
     "shapes-diffusion": "epsilon-prediction UNet2DConditionModel, cosine DDPM schedule, DDIM/DDPM samplers",
     "shapes-flow": "velocity-prediction UNet2DConditionModel, rectified flow, ODE/SDE samplers",
+    "motion-diffusion": "MotionWorld video model (8x32x32 clips): motion-flow's network as an epsilon model, "
+                        "DDIM/DDPM samplers",
+    "motion-flow": "MotionWorld video model (8x32x32 clips): shapes-flow inflated with temporal attention, "
+                   "rectified flow, ODE/SDE samplers",
 }
 
 
@@ -31,7 +36,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         if not (directory / "rlvg_model.json").exists():
             raise ModelNotFoundError(
                 f"the shipped checkpoint {text!r} is missing from {directory}; reinstall the package or "
-                f"recreate it with: rlvg pretrain --world shapes --model {text.split('-')[1]} --out {directory}"
+                f"recreate it with the command in its provenance (docs: Base models)"
             )
         return directory
     path = Path(text).expanduser()

@@ -19,6 +19,13 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
   evaluator's score collapses.
 * ``shapes-learned``: a small CNN trained to predict the exact evaluator's score from (image, prompt)
   (``reference_impls/rewards/learned.py``): the ImageReward/PickScore analogue. Differentiable.
+
+Video rewards take clips (B, 3, F, H, W):
+
+* ``motion-composition``: MotionWorld's exact matched score: requested moving objects matched one to one
+  to tracks, credit for colour, shape, direction and speed, a cost for every extra or broken track; 1
+  exactly when the clip is correct (aligned with the accuracy reported, like ``shapes-composition``).
+* ``motion-accuracy``: 1 if every criterion of the clip holds, else 0.
 """
 
 from __future__ import annotations
@@ -45,11 +52,16 @@ class RewardFunction:
     description: str
     """One line for ``rlvg train --help`` and the docs."""
     world: str | None = None
-    """The synthetic world whose prompts it needs (``shapes``), or None for any prompt."""
+    """The synthetic world whose prompts it needs (``shapes``, ``motion``), or None for any prompt."""
+    modality: str = "image"
+    """What it scores: ``image`` (B, 3, H, W) or ``video`` clips (B, 3, F, H, W)."""
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.name!r} expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        expected = 4 if self.modality == "image" else 5
+        if images.dim() != expected or images.shape[1] != 3:
+            layout = "(B, 3, H, W)" if self.modality == "image" else "(B, 3, F, H, W)"
+            raise ValueError(f"reward {self.name!r} scores {self.modality}s of shape {layout}, "
+                             f"got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {len(prompts)} prompts for {images.shape[0]} images")
         if self.differentiable:
@@ -94,6 +106,23 @@ def shapes_criteria(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 def shapes_accuracy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     correct = [float(e.correct) for e in _shapes_evaluations(images, prompts)]
     return torch.tensor(correct, dtype=torch.float32, device=images.device)
+
+
+def _motion_evaluations(clips: torch.Tensor, prompts: list[str]):
+    from reference_impls.worlds.motion import evaluate_clips
+    from reference_impls.worlds.registry import to_uint8
+
+    return evaluate_clips(to_uint8(clips), prompts)
+
+
+def motion_composition(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    scores = [e.score for e in _motion_evaluations(clips, prompts)]
+    return torch.tensor(scores, dtype=torch.float32, device=clips.device)
+
+
+def motion_accuracy(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    correct = [float(e.correct) for e in _motion_evaluations(clips, prompts)]
+    return torch.tensor(correct, dtype=torch.float32, device=clips.device)
 
 
 PROMPT_COLOUR_WIDTH = 0.25
@@ -145,6 +174,13 @@ REWARDS: dict[str, RewardFunction] = {
                        "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
         RewardFunction("shapes-learned", shapes_learned, True,
                        "differentiable: a small CNN's prediction of the exact evaluator's score", world="shapes"),
+        RewardFunction("motion-composition", motion_composition, False,
+                       "exact MotionWorld evaluator on clips: matched moving objects (colour, shape, direction, "
+                       "speed), extra or broken tracks cost; 1 exactly when correct", world="motion",
+                       modality="video"),
+        RewardFunction("motion-accuracy", motion_accuracy, False,
+                       "exact MotionWorld evaluator on clips: 1 if all criteria hold, else 0", world="motion",
+                       modality="video"),
     ]
 }
 

@@ -5,7 +5,7 @@ Run directory contract::
     config.json          the full resolved config (method, preset, every setting)
     metrics.jsonl        one JSON object per step: step, reward_mean, reward_std, wall_s, samples_seen,
                          the method's diagnostics, and eval_* keys on evaluation steps (step 0 = before)
-    samples/step_XXXXXX.png   grids on fixed held-out prompts
+    samples/step_XXXXXX.png   grids on fixed held-out prompts (video: frame strips, and a .gif beside them)
     checkpoints/         atomic safetensors checkpoints + ``latest``; ``--resume`` continues from it
     final/               the trained model as a loadable folder (``rlvg eval --model RUN/final``)
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts, save_grid
+from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts, save_gif, save_grid
 from reference_impls.models.lora import has_lora, merged_state_dict
 from reference_impls.training.checkpoint import (
     latest_checkpoint,
@@ -88,12 +88,14 @@ def _evaluate(method: Method, run: RunDirectory, step: int, prompts: list[str]) 
     sampler = default_eval_sampler(policy, num_steps=max(method.config.num_steps, 20),
                                    guidance_scale=method.config.guidance_scale)
     metrics: dict[str, float] = {}
-    if policy.world == "shapes":
+    if policy.world is not None:
         result = evaluate_policy(policy, prompts, sampler, seed=10_000)
         metrics = {f"eval_{k}": v for k, v in result.metrics.items() if k != "n"}
         rewards = method.reward(result.images, prompts)
         metrics["eval_reward_mean"] = float(rewards.float().mean())
         save_grid(result.images[:GRID_PROMPTS], run.samples / f"step_{step:06d}.png", columns=GRID_PROMPTS)
+        if result.images.dim() == 5:
+            save_gif(result.images[:GRID_PROMPTS], run.samples / f"step_{step:06d}.gif")
     if was_training:
         policy.denoiser.train()
     return metrics
@@ -119,7 +121,8 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
         print(f"resuming {method.name} from {checkpoint} (step {start_step})")
     elif run.metrics_path.exists():
         run.metrics_path.unlink()  # --resume without a checkpoint: start clean
-    eval_prompts = heldout_prompts(config.eval_prompts) if method.policy.world == "shapes" else []
+    world = method.policy.world
+    eval_prompts = heldout_prompts(config.eval_prompts, world=world) if world is not None else []
     started = time.perf_counter()
     if start_step == 0:
         record = {"step": 0, "wall_s": 0.0, "samples_seen": 0, **_evaluate(method, run, 0, eval_prompts)}
@@ -168,9 +171,9 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
 
 
 def _save_final(method: Method, run: RunDirectory) -> None:
-    """The trained model as a folder ``rlvg eval``/``sample`` accept (ShapeWorld models)."""
+    """The trained model as a folder ``rlvg eval``/``sample`` accept (ShapeWorld and MotionWorld models)."""
     policy = method.policy
-    if policy.world != "shapes":
+    if policy.world is None:
         return
     import shutil
 

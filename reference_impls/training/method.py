@@ -58,6 +58,14 @@ class Method:
         if self.policy.kind not in self.supported_kinds:
             raise ValueError(f"{self.name} needs a {' or '.join(self.supported_kinds)} model; "
                              f"{self.policy.name} is a {self.policy.kind} model")
+        if self.reward.world is not None and self.policy.world != self.reward.world:
+            from reference_impls.rewards import REWARDS
+
+            fitting = [n for n, r in REWARDS.items() if r.world in (None, self.policy.world)
+                       and r.modality == ("video" if len(self.policy.latent_shape) == 4 else "image")]
+            raise ValueError(f"reward {self.reward.name!r} scores {self.reward.world} prompts and {self.policy.name} "
+                             f"is a {self.policy.world or 'real-checkpoint'} model; rewards that fit it: "
+                             f"{', '.join(fitting)}")
         if self.needs_differentiable_reward and not self.reward.differentiable:
             from reference_impls.rewards import REWARDS
 
@@ -86,6 +94,13 @@ class Method:
         from reference_impls.worlds import PromptError, as_spec, sample_prompts
         from reference_impls.worlds.grammar import TASK_SPLIT_PREFIX
 
+        if self.policy.world == "motion":
+            from reference_impls.worlds.registry import get_world
+
+            world = get_world("motion")
+            if self.config.prompts in ("train", "easy"):
+                return world.sample_prompts(n, self.config.prompts, rng)
+            return [world.canonical(self.config.prompts)] * n
         if self.config.prompts in ("train", "easy") or self.config.prompts.startswith(TASK_SPLIT_PREFIX):
             return sample_prompts(n, self.config.prompts, rng)
         try:

@@ -23,7 +23,8 @@ $$ s = \max\Big(0,\ \frac{\sum_{(i,d)\in M} c(i, d) - \lambda\,|E|}{N}\Big). $$
 
 $s = 1$ exactly when the clip is correct, so a reward of $s$ is aligned with the accuracy reported.
 
-Models and RL methods for video are not built yet: this module is the world they will be measured on.
+The video models that live in this world (``motion-flow``, ``motion-diffusion``) are ShapeWorld's image
+models inflated with temporal layers (``reference_impls.models.video_model``).
 """
 
 from __future__ import annotations
@@ -333,6 +334,11 @@ class MotionEvaluation:
     """The matched score in [0, 1]; 1 exactly when ``correct``."""
     tracks: tuple[Track, ...]
     task: str
+
+    @property
+    def objects(self) -> tuple[Track, ...]:
+        """The objects seen: one track per object followed through the clip (broken ones included)."""
+        return self.tracks
 
 
 def score_tracks(tracks: Sequence[Track], spec: MotionSpec | str, frames: int,
