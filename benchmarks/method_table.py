@@ -38,7 +38,7 @@ from reference_impls.algorithms import METHODS
 from reference_impls.comparison import ModelScores, compare_scores, comparison_prompts, score_model
 from reference_impls.evaluation import default_eval_sampler
 from reference_impls.models import load_policy
-from reference_impls.models.loading import resolve_model_dir
+from reference_impls.models.loading import model_world, resolve_model_dir
 from reference_impls.rewards import REWARDS, get_reward
 from reference_impls.training import build_config, train
 
@@ -52,17 +52,27 @@ EVAL_STEPS = 20
 SCORE_SEED = 0
 
 
-def default_reward(cls) -> str:  # noqa: ANN001
+def default_reward(cls, world: str = "shapes") -> str:  # noqa: ANN001
+    if world == "motion":
+        return "motion-composition"
     if cls.needs_differentiable_reward:
         return "shapes-learned" if "shapes-learned" in REWARDS else "prompt-colour"
     return "shapes-composition"
 
 
+def _default_model(cls) -> str:  # noqa: ANN001
+    """The config's default model, or shapes-flow for a flow-only method whose default is a diffusion model."""
+    model = cls.config_class.__dataclass_fields__["model"].default
+    if "diffusion" not in cls.supported_kinds and not str(model).endswith("-flow"):
+        return "shapes-flow"
+    return model
+
+
 def _settings(name: str, quick: bool, overrides: dict | None = None) -> dict:
     cls = METHODS[name]
-    settings = {"preset": "cpu", "reward": default_reward(cls), "threads": 1}
-    if "flow" in cls.supported_kinds and "diffusion" not in cls.supported_kinds:
-        settings["model"] = "shapes-flow"
+    model = (overrides or {}).get("model", _default_model(cls))
+    settings = {"preset": "cpu", "reward": default_reward(cls, model_world(model) or "shapes"), "threads": 1,
+                "model": model}
     settings.update(overrides or {})
     if quick:
         settings.update(steps=2, eval_every=0, eval_prompts=8)
@@ -87,13 +97,24 @@ def _from_json(data: dict) -> ModelScores:
     return ModelScores(**{k: (np.asarray(v) if v is not None else None) for k, v in data.items()})
 
 
+def protocol(world: str, quick: bool) -> tuple[list[str], list[str], int]:
+    """(held-out prompts, training prompts, draws per held-out prompt) of a world's comparison.
+
+    Clips cost about nine images each (benchmarks/video_cost.py), so the video protocol draws each
+    held-out prompt once and scores the trained reward on 64 training prompts instead of 128.
+    """
+    video = world == "motion"
+    heldout = comparison_prompts("heldout", 16 if quick else None, world=world)
+    train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS // (2 if video else 1), world=world)
+    return heldout, train_prompts, 1 if video else HELDOUT_DRAWS
+
+
 def score_both_protocols(model: str | Path, reward: str, quick: bool) -> dict[str, ModelScores]:
     """Held-out (exact evaluator) and training-prompt (trained reward) scores of one model."""
     policy = load_policy(str(model))
     sampler = default_eval_sampler(policy, EVAL_STEPS)
-    heldout = comparison_prompts("heldout", 16 if quick else None)
-    train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS)
-    return {"heldout": score_model(policy, heldout, sampler, SCORE_SEED, HELDOUT_DRAWS),
+    heldout, train_prompts, draws = protocol(policy.world or "shapes", quick)
+    return {"heldout": score_model(policy, heldout, sampler, SCORE_SEED, draws),
             "train": score_model(policy, train_prompts, sampler, SCORE_SEED, 1, reward_name=reward)}
 
 
@@ -133,7 +154,8 @@ def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, ove
     """Train one seed (unless reused) and score its final model; returns the seed's record."""
     cls = METHODS[name]
     overrides = overrides or {}
-    config = build_config(cls.config_class, cls.presets, {**_settings(name, quick, overrides), "seed": seed})
+    config = build_config(cls.config_class, cls.presets, {**_settings(name, quick, overrides), "seed": seed},
+                          cls.video_presets)
     out = out_root / variant_label(name, overrides).replace(" ", "_") / f"seed{seed}"
     record_path = out / "scores.json"
     if reuse and record_path.exists() and (out / "final").exists():
@@ -164,13 +186,14 @@ def before_after_grid(name: str, base: str, trained: Path, out: Path) -> None:
     """Base (top row) and trained model (bottom row) on the same held-out prompts and initial noise."""
     from reference_impls.evaluation import generate, save_grid
 
-    prompts = comparison_prompts("heldout")[::19][:GRID_PROMPTS]
+    world = model_world(base) or "shapes"
+    prompts = comparison_prompts("heldout", world=world)[::19][:GRID_PROMPTS // (2 if world == "motion" else 1)]
     images = []
     for model in (base, trained):
         policy = load_policy(str(model))
         images.append(generate(policy, prompts, default_eval_sampler(policy, EVAL_STEPS), SCORE_SEED))
     labels = [f"base: {p}" for p in prompts] + [f"{name}: {p}" for p in prompts]
-    save_grid(torch.cat(images), out, columns=GRID_PROMPTS, scale=4, labels=labels)
+    save_grid(torch.cat(images), out, columns=len(prompts), scale=4, labels=labels)
 
 
 def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path, overrides: dict | None = None) -> dict:
@@ -178,12 +201,12 @@ def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path, overr
     cls = METHODS[name]
     config = seeds[0]["config"]
     base = base_scores(config["model"], config["reward"], quick, cache_dir)
-    heldout_prompts = comparison_prompts("heldout", 16 if quick else None)
-    train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS)
+    world = model_world(config["model"]) or "shapes"
+    heldout_prompts, train_prompts, draws = protocol(world, quick)
     models = {key: [_from_json(s["scores"][key]) for s in seeds] for key in ("heldout", "train")}
-    heldout = compare_scores(heldout_prompts, base["heldout"], models["heldout"], HELDOUT_DRAWS)
-    trained = compare_scores(train_prompts, base["train"], models["train"], 1)
-    per_seed = [compare_scores(heldout_prompts, base["heldout"], [m], HELDOUT_DRAWS) for m in models["heldout"]]
+    heldout = compare_scores(heldout_prompts, base["heldout"], models["heldout"], draws, world=world)
+    trained = compare_scores(train_prompts, base["train"], models["train"], 1, world=world)
+    per_seed = [compare_scores(heldout_prompts, base["heldout"], [m], draws, world=world) for m in models["heldout"]]
     settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _settings(name, quick, overrides).items()
                         if k != "threads")
     return {
@@ -195,11 +218,12 @@ def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path, overr
         "train_reward": trained.rows["reward"].as_dict(),
         "per_seed": [{"seed": s["seed"], "accuracy": r.rows["accuracy"].as_dict(),
                       "train_wall_s": s["train_wall_s"], "curve": s["curve"]} for s, r in zip(seeds, per_seed)],
-        "protocol": {"heldout_prompts": len(heldout_prompts), "heldout_draws": HELDOUT_DRAWS,
+        "world": world,
+        "protocol": {"heldout_prompts": len(heldout_prompts), "heldout_draws": draws,
                      "train_prompts": len(train_prompts), "sampler_steps": EVAL_STEPS, "bootstrap": 2000},
         "command": f"rlvg train {name} {settings} --seed S",
         "compare_command": (f"rlvg compare --base {config['model']} --model RUN/final "
-                            f"--samples-per-prompt {HELDOUT_DRAWS}"),
+                            f"--samples-per-prompt {draws}"),
     }
 
 

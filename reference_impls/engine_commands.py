@@ -29,9 +29,7 @@ def _load(model: str, device: str = "cpu"):  # noqa: ANN202
 # -- pretrain -------------------------------------------------------------------------------------
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from reference_impls.models.components import TinyModelConfig
-    from reference_impls.models.pretrain import PretrainConfig, pretrain
-
-    from reference_impls.models.pretrain import WORLDS
+    from reference_impls.models.pretrain import WORLDS, PretrainConfig, pretrain
 
     if args.world not in WORLDS:
         raise UsageError(f"unknown world {args.world!r}; valid worlds: {', '.join(WORLDS)}")
@@ -285,7 +283,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cls = get_method(args.method)
     overrides = {name: getattr(args, name) for name in field_docs(cls.config_class) if hasattr(args, name)}
     try:
-        config = build_config(cls.config_class, cls.presets, overrides)
+        config = build_config(cls.config_class, cls.presets, overrides, cls.video_presets)
         reward = get_reward(config.reward)
     except (ValueError, UnknownRewardError) as error:
         raise UsageError(str(error)) from None

@@ -34,7 +34,7 @@ def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", se
     settings.update(overrides)
     if model is not None:
         settings["model"] = model
-    config = build_config(cls.config_class, cls.presets, settings)
+    config = build_config(cls.config_class, cls.presets, settings, cls.video_presets)
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # tiny models: extra threads only add contention (papermill cell timeouts)
     policy = load_policy(config.model, device=device)

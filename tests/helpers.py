@@ -30,7 +30,7 @@ def run_smoke(method: str, reward: str, out: Path, model: str | None = None, **o
     settings = {"preset": "smoke", "reward": reward, **overrides}
     if model is not None:
         settings["model"] = model
-    config = build_config(cls.config_class, cls.presets, settings)
+    config = build_config(cls.config_class, cls.presets, settings, cls.video_presets)
     torch.manual_seed(config.seed)
     policy = load_policy(config.model)
     return train(cls(policy=policy, reward=get_reward(config.reward), config=config), out, progress=False)
@@ -42,3 +42,26 @@ def training_rewards(records: list[dict]) -> list[float]:
 
 def strip_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+VIDEO_FRAMES = 4
+
+
+def tiny_video_pair(seed: int = 0):  # noqa: ANN201
+    """A tiny random ShapeWorld flow model and the video model inflated from it (4 frames)."""
+    from reference_impls.models.shapes_model import inflate_to_motion_policy
+
+    image = build_shapes_policy("flow", TINY, seed=seed)
+    return image, inflate_to_motion_policy(image, VIDEO_FRAMES, TINY, seed=seed)
+
+
+def write_tiny_video_checkpoints(root: Path) -> dict[str, Path]:
+    """Folders ``image``, ``video`` (flow) and ``video-diffusion`` (derived) under ``root``."""
+    from reference_impls.models.pretrain import write_checkpoint_atomically
+    from reference_impls.models.shapes_model import derive_vp_diffusion_from_flow
+
+    image, video = tiny_video_pair()
+    write_checkpoint_atomically(image, root / "image", TINY, {"note": "tiny random"})
+    write_checkpoint_atomically(video, root / "video", TINY, {"note": "tiny random"})
+    derive_vp_diffusion_from_flow(root / "video", root / "video-diffusion")
+    return {"image": root / "image", "video": root / "video", "video-diffusion": root / "video-diffusion"}

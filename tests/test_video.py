@@ -11,41 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, VIDEO_FRAMES, tiny_video_pair, write_tiny_video_checkpoints
 from PIL import Image
 
 from reference_impls.cli import main
 from reference_impls.evaluation import save_gif
 from reference_impls.models import load_policy
-from reference_impls.models.pretrain import write_checkpoint_atomically
-from reference_impls.models.shapes_model import (
-    build_shapes_policy,
-    derive_vp_diffusion_from_flow,
-    inflate_to_motion_policy,
-)
 from reference_impls.models.video_model import InflatedVideoUNet
 from reference_impls.rewards import get_reward
 from reference_impls.sampling import SamplerConfig, rollout, transition_log_prob
 from reference_impls.worlds.motion import render_clips
 from reference_impls.worlds.registry import UnknownWorldError, get_world, to_uint8
 
-FRAMES = 4
+FRAMES = VIDEO_FRAMES
 PROMPTS = ["a red circle moving right", "a blue square moving up quickly"]
-
-
-def _tiny_video(seed: int = 0):  # noqa: ANN202
-    image = build_shapes_policy("flow", TINY, seed=seed)
-    return image, inflate_to_motion_policy(image, FRAMES, TINY, seed=seed)
+_tiny_video = tiny_video_pair
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("video")
-    image, video = _tiny_video()
-    write_checkpoint_atomically(image, root / "image", TINY, {"note": "tiny random"})
-    write_checkpoint_atomically(video, root / "video", TINY, {"note": "tiny random"})
-    derive_vp_diffusion_from_flow(root / "video", root / "video-diffusion")
-    return {"image": root / "image", "video": root / "video", "video-diffusion": root / "video-diffusion"}
+    return write_tiny_video_checkpoints(tmp_path_factory.mktemp("video"))
 
 
 def test_inflated_model_starts_as_the_image_model_applied_to_every_frame() -> None:
@@ -125,6 +110,10 @@ def test_rewards_refuse_the_wrong_modality() -> None:
         get_reward("motion-composition")(torch.zeros(2, 3, 32, 32), PROMPTS)
     with pytest.raises(ValueError, match=r"scores images of shape \(B, 3, H, W\)"):
         get_reward("shapes-composition")(torch.zeros(2, 3, FRAMES, 32, 32), ["a red circle"] * 2)
+    clips = torch.rand(2, 3, FRAMES, 32, 32, generator=torch.Generator().manual_seed(0))
+    frames = clips.transpose(1, 2).flatten(0, 1)  # a clip's JPEG reward is the mean over its frames
+    per_frame = get_reward("jpeg-compressibility")(frames, ["x"] * len(frames)).view(2, FRAMES)
+    torch.testing.assert_close(get_reward("jpeg-compressibility")(clips, ["x", "y"]), per_frame.mean(dim=1))
 
 
 def test_a_method_refuses_a_reward_of_another_world(checkpoints) -> None:

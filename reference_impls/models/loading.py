@@ -63,3 +63,13 @@ def load_policy(name_or_path: str | Path, device: str = "cpu") -> GenerativePoli
     from reference_impls.models.pipelines import policy_from_pipeline_dir
 
     return policy_from_pipeline_dir(directory, index, device=device)
+
+
+def model_world(name_or_path: str | Path) -> str | None:
+    """The synthetic world a model folder was made for (``shapes``, ``motion``), read without loading weights;
+    None for a diffusers pipeline folder or a name that does not resolve."""
+    try:
+        meta_path = resolve_model_dir(name_or_path) / "rlvg_model.json"
+        return json.loads(meta_path.read_text(encoding="utf-8")).get("world", "shapes")
+    except (ModelNotFoundError, OSError, ValueError):
+        return None

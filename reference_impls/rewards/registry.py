@@ -5,7 +5,7 @@ Differentiable rewards keep the autograd graph (reward-backprop methods need it)
 computed on detached copies and return plain tensors (policy-gradient methods need only values).
 
 * ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the JPEG file size in kB, as in
-  DDPO (Black et al., 2023). Not differentiable.
+  DDPO (Black et al., 2023); of a clip, the mean over its frames. Not differentiable.
 * ``shapes-composition``: the exact ShapeWorld evaluator's matched score: requested objects matched one
   to one to detected ones, partial credit per attribute, a cost for every unrequested object, the
   relation as one more unit. 1 exactly when the image is correct, so maximising it means drawing what
@@ -54,12 +54,13 @@ class RewardFunction:
     world: str | None = None
     """The synthetic world whose prompts it needs (``shapes``, ``motion``), or None for any prompt."""
     modality: str = "image"
-    """What it scores: ``image`` (B, 3, H, W) or ``video`` clips (B, 3, F, H, W)."""
+    """What it scores: ``image`` (B, 3, H, W), ``video`` clips (B, 3, F, H, W), or ``any`` of the two."""
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        expected = 4 if self.modality == "image" else 5
-        if images.dim() != expected or images.shape[1] != 3:
-            layout = "(B, 3, H, W)" if self.modality == "image" else "(B, 3, F, H, W)"
+        expected = {"image": (4,), "video": (5,), "any": (4, 5)}[self.modality]
+        if images.dim() not in expected or images.shape[1] != 3:
+            layout = {"image": "(B, 3, H, W)", "video": "(B, 3, F, H, W)",
+                      "any": "(B, 3, H, W) or (B, 3, F, H, W)"}[self.modality]
             raise ValueError(f"reward {self.name!r} scores {self.modality}s of shape {layout}, "
                              f"got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
@@ -79,6 +80,11 @@ def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """JPEG size of each image in kB; of a clip (B, 3, F, H, W), the mean over its frames."""
+    if images.dim() == 5:
+        batch, _, frames = images.shape[:3]
+        per_frame = jpeg_size_kb(images.transpose(1, 2).flatten(0, 1), quality)
+        return per_frame.view(batch, frames).mean(dim=1)
     sizes = []
     for array in _to_uint8_hwc(images):
         buffer = io.BytesIO()
@@ -159,9 +165,10 @@ REWARDS: dict[str, RewardFunction] = {
     r.name: r
     for r in [
         RewardFunction("jpeg-compressibility", lambda im, p: -jpeg_size_kb(im), False,
-                       "minus the JPEG size in kB (quality 95), as in DDPO"),
+                       "minus the JPEG size in kB (quality 95), as in DDPO; clips: mean over frames",
+                       modality="any"),
         RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
-                       "the JPEG size in kB (quality 95), as in DDPO"),
+                       "the JPEG size in kB (quality 95), as in DDPO; clips: mean over frames", modality="any"),
         RewardFunction("shapes-composition", shapes_composition, False,
                        "exact ShapeWorld evaluator: matched objects with partial credit, extra objects cost; "
                        "1 exactly when correct", world="shapes"),

@@ -21,7 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts, save_gif, save_grid
+from reference_impls.evaluation import (
+    default_eval_sampler,
+    evaluate_policy,
+    heldout_prompts,
+    save_gif,
+    save_grid,
+)
 from reference_impls.models.lora import has_lora, merged_state_dict
 from reference_impls.training.checkpoint import (
     latest_checkpoint,

@@ -46,6 +46,8 @@ class Method:
     bib_key: ClassVar[str] = ""
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    video_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Per preset, the settings that change when the model is a video model (clips cost ~9 images)."""
     supported_kinds: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
     needs_differentiable_reward: ClassVar[bool] = False
 
