@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from benchmarks.common import format_table, machine_description, time_interleaved, write_results
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    np.random.seed(0)
     result = measure(3 if args.quick else 7)
     result["machine"] = machine_description()
     result["threads"] = args.threads
