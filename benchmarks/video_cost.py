@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(["case", "median s"], rows))
     print(format_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in result["ratios"].items()]))
     if not args.quick:
-        write_results("video_cost.json", result)
+        write_results("video_cost", result)
     return 0
 
 

@@ -29,6 +29,7 @@ from diffusers.loaders import PeftAdapterMixin
 from torch import nn
 
 
+# --8<-- [start:temporal]
 class TemporalAttention(nn.Module):
     """Self-attention over frames at every pixel position, added residually (zero at initialisation)."""
 
@@ -54,6 +55,7 @@ class TemporalAttention(nn.Module):
         mixed, _ = self.attention(query, query, query, need_weights=False)
         mixed = self.out(mixed).view(batch, height, width, frames, channels).permute(0, 3, 4, 1, 2)
         return hidden + mixed.reshape(folded, channels, height, width)
+# --8<-- [end:temporal]
 
 
 class ResnetWithTemporal(nn.Module):
