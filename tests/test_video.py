@@ -197,3 +197,19 @@ def test_save_gif_writes_one_picture_per_frame(tmp_path) -> None:
     save_gif(clips, tmp_path / "a.gif", columns=2, scale=2)
     with Image.open(tmp_path / "a.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (2 * 16 + 2, 2 * 16 + 2)
+
+
+def test_video_presets_apply_to_video_models_only_and_flags_still_win(checkpoints) -> None:
+    from reference_impls.algorithms import get_method
+    from reference_impls.training import build_config
+
+    cls = get_method("dance-grpo")
+    video = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(checkpoints["video"])},
+                         cls.video_presets)
+    image = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(checkpoints["image"])},
+                         cls.video_presets)
+    flagged = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(checkpoints["video"]),
+                                                           "batch_size": 12}, cls.video_presets)
+    assert video.batch_size == cls.video_presets["smoke"]["batch_size"]
+    assert image.batch_size == cls.presets["smoke"]["batch_size"] != video.batch_size
+    assert flagged.batch_size == 12

@@ -70,6 +70,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 eval_every=20, eval_prompts=256, checkpoint_every=20),
 }
 
+VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    # A clip costs about nine images (benchmarks/video_cost.py): fewer, smaller groups in the same budget.
+    "smoke": dict(steps=4, batch_size=8, group_size=4, num_steps=6, minibatch_size=8, eval_prompts=4,
+                  prompts="easy"),
+    "cpu": dict(steps=16, batch_size=16, group_size=8, num_steps=8, minibatch_size=8, eval_every=8,
+                eval_prompts=48, checkpoint_every=8),
+}
+
 
 # --8<-- [start:subsample]
 def subsample_steps(trajectory: Trajectory, fraction: float, ignore_last: bool, rng: np.random.Generator
@@ -92,6 +100,7 @@ class DanceGRPO(Method):
     bib_key: ClassVar[str] = "xue2025dancegrpo"
     config_class: ClassVar[type] = DanceGRPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
     config: DanceGRPOConfig
 

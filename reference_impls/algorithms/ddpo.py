@@ -78,6 +78,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 eval_prompts=256, checkpoint_every=10, guidance_scale=5.0, inner_epochs=1),
 }
 
+VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    # A clip costs about nine images (benchmarks/video_cost.py): smaller batches in the same budget.
+    "smoke": dict(steps=4, batch_size=8, minibatch_size=8, num_steps=6, inner_epochs=2, eval_prompts=4,
+                  prompts="a red circle moving right"),
+    "cpu": dict(steps=12, batch_size=16, samples_per_prompt=8, minibatch_size=8, num_steps=8, eval_every=6,
+                eval_prompts=48, checkpoint_every=6),
+}
+
 
 def check_samples_per_prompt(config: DDPOConfig) -> None:
     if config.samples_per_prompt < 1 or config.batch_size % config.samples_per_prompt:
@@ -108,6 +116,7 @@ class DDPO(Method):
     bib_key: ClassVar[str] = "black2023ddpo"
     config_class: ClassVar[type] = DDPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS
     config: DDPOConfig
 
     def __post_init__(self) -> None:

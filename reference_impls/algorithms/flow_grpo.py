@@ -80,6 +80,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                 eval_every=20, eval_prompts=256, checkpoint_every=20, guidance_scale=4.5),
 }
 
+VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    # A clip costs about nine images (benchmarks/video_cost.py): fewer, smaller groups in the same budget.
+    "smoke": dict(steps=4, batch_size=8, group_size=4, num_steps=6, minibatch_size=8, eval_prompts=4),
+    "cpu": dict(steps=20, batch_size=16, group_size=8, num_steps=8, minibatch_size=8, eval_every=10,
+                eval_prompts=48, checkpoint_every=10),
+}
+
 
 class FlowGRPO(Method):
     """Flow-GRPO: SDE rollouts, group-relative advantages, clipped per-step ratios, KL to the reference."""
@@ -88,6 +95,7 @@ class FlowGRPO(Method):
     bib_key: ClassVar[str] = "liu2025flowgrpo"
     config_class: ClassVar[type] = FlowGRPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("flow",)
     config: FlowGRPOConfig
 
