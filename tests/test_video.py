@@ -213,3 +213,51 @@ def test_video_presets_apply_to_video_models_only_and_flags_still_win(checkpoint
     assert video.batch_size == cls.video_presets["smoke"]["batch_size"]
     assert image.batch_size == cls.presets["smoke"]["batch_size"] != video.batch_size
     assert flagged.batch_size == 12
+
+
+# -- a real text-to-video pipeline (tiny, random, saved locally) ------------------------------------
+@pytest.fixture(scope="module")
+def t2v(tmp_path_factory) -> Path:
+    from reference_impls.models.tiny_pipelines import save_tiny_pipeline
+
+    return save_tiny_pipeline("t2v", tmp_path_factory.mktemp("t2v") / "pipe")
+
+
+def test_text_to_video_pipeline_log_probs_recompute_exactly_and_ddim_matches_the_stock_pipeline(t2v) -> None:
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    policy = load_policy(t2v)
+    assert policy.latent_shape == (4, 16, 8, 8) and policy.world is None
+    trajectory = rollout(policy, ["a red circle", "two cats"], SamplerConfig("ddim", num_steps=3, eta=1.0),
+                         torch.Generator().manual_seed(0))
+    assert trajectory.images.shape == (2, 3, 16, 16, 16)
+    with torch.no_grad():
+        for step in range(3):
+            assert torch.equal(transition_log_prob(policy, trajectory, step).log_prob, trajectory.log_probs[:, step])
+    pipe = TextToVideoSDPipeline.from_pretrained(str(t2v), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 4, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    # 4 steps: 4 divides 1000, so our strided DDIM and diffusers' step to the same timesteps (test_pipelines.py)
+    ours = rollout(policy, ["a red circle"], SamplerConfig("ddim", num_steps=4, eta=0.0), noise=noise).states[:, -1]
+    stock = pipe("a red circle", num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
+                 output_type="latent").frames
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+
+
+def test_ddpo_trains_a_text_to_video_pipeline_for_two_steps(t2v, tmp_path) -> None:
+    from reference_impls.algorithms import get_method
+    from reference_impls.training import build_config, train
+
+    cls = get_method("ddpo")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(t2v), "reward": "jpeg-compressibility", "prompts": "a cat", "steps": 2,
+        "batch_size": 2, "minibatch_size": 2, "num_steps": 2, "inner_epochs": 1, "checkpoint_every": 1})
+    policy = load_policy(config.model)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    records = train(cls(policy=policy, reward=get_reward(config.reward), config=config), tmp_path / "run",
+                    progress=False)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["ratio_first"] == pytest.approx(1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))

@@ -1,6 +1,6 @@
 """Adapters from diffusers pipelines to :class:`GenerativePolicy`, so our samplers can drive them.
 
-Two families are supported, loaded from local folders only (``save_pretrained`` output; never a hub id):
+Three families are supported, loaded from local folders only (``save_pretrained`` output; never a hub id):
 
 * ``StableDiffusionPipeline``: a UNet that predicts the noise (epsilon) in the VAE's latent space.
   The pipeline's scheduler config (PNDM, DDIM, ...) is converted to a ``DDIMScheduler`` with trailing
@@ -9,6 +9,9 @@ Two families are supported, loaded from local folders only (``save_pretrained`` 
 * ``StableDiffusion3Pipeline``: an MMDiT transformer that predicts the flow velocity (noise - x0);
   the ``FlowMatchEulerDiscreteScheduler``'s ``shift`` sets the sigma schedule and, as in diffusers,
   the transformer is fed ``timestep = sigma * num_train_timesteps``.
+* ``TextToVideoSDPipeline`` (ModelScope text-to-video): a ``UNet3DConditionModel`` that predicts the
+  noise of (C, F, h, w) video latents, with SD's text encoder and a per-frame VAE; its scheduler is
+  converted like SD's. The policy samples ``frames`` frames (16, the pipeline's default).
 
 Prompts are encoded with the pipeline's own ``encode_prompt`` (same tokenisation, ``clip_skip`` and
 concatenation rules as ``pipe(...)``); the text encoders and the VAE are frozen.
@@ -25,7 +28,9 @@ from torch import nn
 
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 
-SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
+VIDEO_FRAMES = 16
+"""Frames of a text-to-video pipeline's samples (``TextToVideoSDPipeline.__call__``'s default)."""
 UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
     "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
     "use_beta_sigmas", "invert_sigmas",
@@ -97,6 +102,11 @@ def make_vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         # GenerativePolicy.to() moves only the denoiser and text encoders: follow the latents here.
         if next(vae.parameters()).device != latents.device:
             vae.to(latents.device)
+        if latents.dim() == 5:  # video latents (B, C, F, h, w): the VAE decodes every frame on its own
+            batch, channels, frames = latents.shape[:3]
+            folded = latents.transpose(1, 2).reshape(batch * frames, channels, *latents.shape[3:])
+            frames_rgb = decode(folded)
+            return frames_rgb.view(batch, frames, *frames_rgb.shape[1:]).transpose(1, 2)
         z = latents / scaling + shift
         image = vae.decode(z).sample
         return ((image + 1) / 2).clamp(0, 1)
@@ -158,6 +168,13 @@ def _sd_policy(pipe: Any, name: str) -> GenerativePolicy:
     )
 
 
+def _t2v_policy(pipe: Any, name: str, frames: int) -> GenerativePolicy:
+    policy = _sd_policy(pipe, name)  # same text side, scheduler conversion and UNet call signature
+    channels, height, width = policy.latent_shape
+    policy.latent_shape = (channels, frames, height, width)  # type: ignore[assignment]
+    return policy
+
+
 def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePolicy:
     transformer = pipe.transformer
     scheduler = _sd3_scheduler(pipe.scheduler.config)
@@ -183,17 +200,20 @@ def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePol
     )
 
 
-def policy_from_pipeline(pipe: Any, name: str | None = None,
-                         max_sequence_length: int = 256) -> GenerativePolicy:
-    """Wrap an in-memory ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` as a policy.
+def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length: int = 256,
+                         frames: int = VIDEO_FRAMES) -> GenerativePolicy:
+    """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` or ``TextToVideoSDPipeline``.
 
     The policy shares the pipeline's modules (training the policy trains ``pipe.unet`` /
-    ``pipe.transformer``). ``max_sequence_length`` is SD3's T5 length, as in ``pipe(...)``.
+    ``pipe.transformer``). ``max_sequence_length`` is SD3's T5 length, as in ``pipe(...)``; ``frames`` the
+    clip length of a text-to-video pipeline.
     """
     class_name = type(pipe).__name__
     name = name or class_name
     if class_name == "StableDiffusionPipeline":
         policy = _sd_policy(pipe, name)
+    elif class_name == "TextToVideoSDPipeline":
+        policy = _t2v_policy(pipe, name, frames)
     elif class_name == "StableDiffusion3Pipeline":
         policy = _sd3_policy(pipe, name, max_sequence_length)
     else:

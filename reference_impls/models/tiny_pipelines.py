@@ -10,7 +10,9 @@ code from an in-memory byte-level vocabulary and a few merges, the weights are r
   conversion to the project's own schedule).
 * :func:`build_tiny_sd3_pipeline`: ``StableDiffusion3Pipeline``, SD3 transformer (velocity model),
   two CLIP text encoders with projection, no T5 (the pipeline feeds zeros in its place), 4x8x8 latents.
-* :func:`save_tiny_pipeline`: ``save_pretrained`` of either into a folder ``rlvg`` can load with
+* :func:`build_tiny_t2v_pipeline`: ``TextToVideoSDPipeline``, a ``UNet3DConditionModel`` (temporal
+  convolutions and attention) on 4x(F)x8x8 video latents, the SD-style VAE per frame, a DDIM scheduler.
+* :func:`save_tiny_pipeline`: ``save_pretrained`` of any of them into a folder ``rlvg`` can load with
   ``--model PATH``.
 """
 
@@ -22,18 +24,21 @@ from typing import Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
+    UNet3DConditionModel,
 )
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TinyKind = Literal["sd", "sd3"]
-TINY_KINDS: tuple[str, ...] = ("sd", "sd3")
+TinyKind = Literal["sd", "sd3", "t2v"]
+TINY_KINDS: tuple[str, ...] = ("sd", "sd3", "t2v")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -222,12 +227,39 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def build_tiny_pipeline(kind: TinyKind, seed: int = 0) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
-    """``kind``: "sd" (epsilon UNet) or "sd3" (flow transformer)."""
+def build_tiny_t2v_pipeline(seed: int = 0) -> TextToVideoSDPipeline:
+    """A random ``TextToVideoSDPipeline`` (ModelScope's architecture) with a DDIM scheduler."""
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    unet = UNet3DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    pipe = TextToVideoSDPipeline(vae=build_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                 scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipeline(kind: TinyKind, seed: int = 0):  # noqa: ANN201
+    """``kind``: "sd" (epsilon UNet), "sd3" (flow transformer) or "t2v" (text-to-video UNet)."""
     if kind == "sd":
         return build_tiny_sd_pipeline(seed)
     if kind == "sd3":
         return build_tiny_sd3_pipeline(seed)
+    if kind == "t2v":
+        return build_tiny_t2v_pipeline(seed)
     raise ValueError(f"unknown tiny pipeline kind {kind!r}; valid kinds: {', '.join(TINY_KINDS)}")
 
 
