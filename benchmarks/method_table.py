@@ -150,6 +150,15 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def world_setup(name: str, world: str) -> tuple[dict, str]:
+    """(settings that put the method on ``world``'s model, the key of its results row)."""
+    model = _default_model(METHODS[name])
+    if world == "shapes" or model_world(model) == world:
+        return {}, name
+    video_model = "motion-flow" if model.endswith("-flow") else "motion-diffusion"
+    return {"model": video_model}, f"{name}@{world}"
+
+
 def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, overrides: dict | None = None) -> dict:
     """Train one seed (unless reused) and score its final model; returns the seed's record."""
     cls = METHODS[name]
@@ -251,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of the cpu preset (repeatable); the rows go to "
                              "benchmarks/results/method_variants.json, labelled with the change")
+    parser.add_argument("--world", choices=["shapes", "motion"], default="shapes",
+                        help="motion: train and score on the MotionWorld video model of the method's kind (rows "
+                             "keyed METHOD@motion unless the method is video-only)")
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
@@ -267,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     out_root = Path(args.out)
     existing = None
     for name in args.methods or list(METHODS):
-        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse, overrides) for seed in args.seeds]
+        world_settings, key = world_setup(name, args.world)
+        settings = {**world_settings, **overrides}
+        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse, settings) for seed in args.seeds]
         if args.no_merge:
             continue
-        row = method_row(name, seeds, args.quick, out_root / "_base", overrides)
-        label = variant_label(name, overrides)
+        row = method_row(name, seeds, args.quick, out_root / "_base", settings)
+        label = variant_label(key, overrides)
         accuracy = row["heldout"]["accuracy"]
         print(f"{label}: held-out accuracy {accuracy['base']:.3f} -> {accuracy['model']:.3f} "
               f"({accuracy['diff']:+.3f}, 95% CI [{accuracy['ci_low']:+.3f}, {accuracy['ci_high']:+.3f}]) "
@@ -280,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             row["variant"] = {"of": name, "settings": overrides}
             merge_row(label, row, VARIANTS)
         elif not args.quick:
-            before_after_grid(name, row["model"], out_root / name / f"seed{args.seeds[0]}" / "final",
-                              GRIDS / f"{name}.png")
-            row["grid"] = f"grids/{name}.png"
-            existing = merge_row(name, row)
+            run_dir = out_root / variant_label(name, settings).replace(" ", "_") / f"seed{args.seeds[0]}"
+            before_after_grid(name, row["model"], run_dir / "final", GRIDS / f"{key}.png")
+            row["grid"] = f"grids/{key}.png"
+            existing = merge_row(key, row)
     if existing:
         rows = [[r["method"], r["reward"], r["heldout"]["accuracy"]["base"], r["heldout"]["accuracy"]["diff"],
                  f"[{r['heldout']['accuracy']['ci_low']:+.3f}, {r['heldout']['accuracy']['ci_high']:+.3f}]",

@@ -97,11 +97,57 @@ PROTOCOL = (
 )
 
 
+VIDEO_PROTOCOL = (
+    "The same paired protocol on MotionWorld clips: the whole held-out split (243 prompts, one draw each: a clip "
+    "costs about nine images) for the exact tracking evaluator, and 64 fixed training prompts for the trained "
+    "reward; 95% percentile bootstrap over seeds and prompts, stratified by task."
+)
+MOTION_TASK_LABELS = {"single_motion": "one object moving", "speed": "with a speed", "two_motions": "two objects"}
+
+
+def _is_video(row: dict[str, Any]) -> bool:
+    return row.get("world") == "motion"
+
+
+def _video_methods_section() -> str:
+    data = _load("methods")
+    rows = [row for row in _measured_rows(data) if _is_video(row)]
+    text = ["## Video: methods on MotionWorld, over seeds\n", VIDEO_PROTOCOL + " Measured by "
+            "`python -m benchmarks.method_table METHOD --world motion --seeds 0 1 2`.\n"]
+    if not rows:
+        return "\n".join(text) + _missing("method_table --world motion")
+    text.append("| method | reward | base | held-out accuracy: base → trained | gain [95% CI] | verdict "
+                "| matched score gain [95% CI] | trained reward gain [95% CI] | seeds | minutes / run |")
+    text.append("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        accuracy = row["heldout"]["accuracy"]
+        text.append(
+            f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
+            f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
+            f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
+            f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    text.append("\nPer task (held-out accuracy, base → trained, and the paired gain):\n")
+    text.append("| method | " + " | ".join(MOTION_TASK_LABELS.values()) + " | task mean |")
+    text.append("|---|" + "---|" * (len(MOTION_TASK_LABELS) + 1))
+    for row in rows:
+        cells = []
+        for key in [f"task_{t}" for t in MOTION_TASK_LABELS] + ["task_mean"]:
+            cell = row["heldout"].get(key)
+            cells.append("n/a" if not cell else f"{cell['base']:.2f} → {cell['model']:.2f}<br>{_gain(cell)}")
+        text.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    for row in rows:
+        if row.get("grid"):
+            text.append(f"\n**{row['method']}**: base clips (top rows) and trained, seed 0 (bottom rows), frames left "
+                        f"to right, same held-out prompts and noise.\n\n![{row['method']}: base and trained clips]"
+                        f"(assets/results/{row['grid']})\n")
+    return "\n".join(text) + "\n"
+
+
 def _methods_section() -> str:
     data = _load("methods")
     text = ["## Every method in its `cpu` preset, over seeds\n", PROTOCOL + " Measured by "
             "`python -m benchmarks.method_table METHOD --seeds 0 1 2`.\n"]
-    rows = _measured_rows(data)
+    rows = [row for row in _measured_rows(data) if not _is_video(row)]
     if not rows:
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
@@ -158,7 +204,8 @@ def method_measurements(bib_key: str) -> str | None:
         return None
     text = ["## Measured in the atlas\n",
             f"Generated from `benchmarks/results/methods.json` (`python -m benchmarks.method_table`), machine: "
-            f"{_machine(data)}. " + PROTOCOL + " All methods side by side: [Measured results](../results.md).\n",
+            f"{_machine(data)}. " + (VIDEO_PROTOCOL if all(_is_video(r) for r in rows) else PROTOCOL)
+            + " All methods side by side: [Measured results](../results.md).\n",
             "| run | seeds | held-out accuracy: base → trained | gain [95% CI] | verdict "
             "| matched score gain | trained reward gain | minutes / run |",
             "|---|---|---|---|---|---|---|---|"]
@@ -337,6 +384,7 @@ def results_page() -> str:
         "Timings are ratios measured in one run (interleaved, medians), so they transfer across machines better "
         "than seconds do.\n",
         _methods_section(),
+        _video_methods_section(),
         _variants_section(),
         _grpo_cost_section(),
         _dpok_section(),
@@ -373,7 +421,7 @@ def curves_figure_png(data: dict[str, Any]) -> bytes:
         values = np.array([[point["accuracy"] for point in c[:length]] for c in curves])
         ax.fill_between(samples, values.min(axis=0), values.max(axis=0), alpha=0.25, color="#1565c0", lw=0)
         ax.plot(samples, values.mean(axis=0), marker="o", ms=3, color="#1565c0")
-        ax.set_title(f"{row['method']} ({len(curves)} seeds)", fontsize=9)
+        ax.set_title(f"{row['method']}{' (video)' if _is_video(row) else ''} ({len(curves)} seeds)", fontsize=9)
         ax.set_xlabel("samples seen", fontsize=8)
         ax.set_ylabel("held-out accuracy", fontsize=8)
         ax.tick_params(labelsize=7)
