@@ -26,6 +26,9 @@ Video rewards take clips (B, 3, F, H, W):
   to tracks, credit for colour, shape, direction and speed, a cost for every extra or broken track; 1
   exactly when the clip is correct (aligned with the accuracy reported, like ``shapes-composition``).
 * ``motion-accuracy``: 1 if every criterion of the clip holds, else 0.
+* ``motion-learned``: a small 3D CNN trained to predict the exact evaluator's criteria from (clip, prompt)
+  (``reference_impls/rewards/learned_motion.py``): the learned video reward VADER backpropagates through.
+  Differentiable.
 """
 
 from __future__ import annotations
@@ -126,6 +129,12 @@ def motion_composition(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32, device=clips.device)
 
 
+def motion_learned(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.rewards.learned_motion import learned_motion_reward
+
+    return learned_motion_reward(clips, prompts)
+
+
 def motion_accuracy(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     correct = [float(e.correct) for e in _motion_evaluations(clips, prompts)]
     return torch.tensor(correct, dtype=torch.float32, device=clips.device)
@@ -188,6 +197,9 @@ REWARDS: dict[str, RewardFunction] = {
         RewardFunction("motion-accuracy", motion_accuracy, False,
                        "exact MotionWorld evaluator on clips: 1 if all criteria hold, else 0", world="motion",
                        modality="video"),
+        RewardFunction("motion-learned", motion_learned, True,
+                       "differentiable: a small 3D CNN's prediction of the exact MotionWorld criteria",
+                       world="motion", modality="video"),
     ]
 }
 

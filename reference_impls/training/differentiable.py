@@ -56,9 +56,9 @@ class GradSample:
     """The end of a (possibly truncated, possibly early-stopped) differentiable sampling run."""
 
     final: torch.Tensor
-    """(B, C, H, W) state after the last step that ran (x_0 for a full run); carries the graph."""
+    """(B, C, H, W) or (B, C, F, H, W) state after the last step that ran (x_0 for a full run); carries the graph."""
     predicted_x0: torch.Tensor
-    """(B, C, H, W) the last step's one-shot clean-sample estimate (ReFL's x0_hat)."""
+    """The last step's one-shot clean-sample estimate (ReFL's x0_hat), shaped like ``final``."""
     grad_from: torch.Tensor
     """(B,) index of the first step whose network call is differentiated (T = none)."""
     last_step: int
@@ -125,12 +125,13 @@ def sample_with_grad(
         index = torch.full((batch,), i, dtype=torch.long)
         timestep = schedule.model_timesteps[i].to(x.device)
         with torch.set_grad_enabled(bool(track.any()) and torch.is_grad_enabled()):
+            rows = track.view(-1, *([1] * (x.dim() - 1)))  # broadcast over (C, H, W) or (C, F, H, W)
             if not track.all():  # stop-gradient for the rows still before their truncation point
-                x = torch.where(track.view(-1, 1, 1, 1), x, x.detach())
+                x = torch.where(rows, x, x.detach())
             model_output = _denoise(policy, x, timestep, cond, uncond, sampler.guidance_scale,
                                     checkpointing and bool(track.any()))
             if not track.all():
-                model_output = torch.where(track.view(-1, 1, 1, 1), model_output, model_output.detach())
+                model_output = torch.where(rows, model_output, model_output.detach())
             output = apply_step(policy, sampler, schedule, index, x, model_output, generator=generator)
         x = output.next_state
     assert output is not None
