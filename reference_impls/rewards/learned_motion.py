@@ -281,6 +281,7 @@ def train_motion_reward(out_dir: str | Path, config: MotionRewardTrainConfig | N
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(partial / WEIGHTS_FILE))
+    (partial / WEIGHTS_FILE).chmod(0o644)
     (partial / CONFIG_FILE).write_text(json.dumps({"network": asdict(network), "criteria": list(CRITERIA),
                                                    "prompt_features": PROMPT_FEATURES}, indent=2), encoding="utf-8")
     provenance = {
@@ -312,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = MotionRewardTrainConfig(seed=args.seed, clips=args.clips, steps=args.steps)
-    command = "python -m reference_impls.rewards.learned_motion " + " ".join(argv if argv is not None else [])
+    import sys
+
+    command = "python -m reference_impls.rewards.learned_motion " + " ".join(argv if argv is not None else sys.argv[1:])
     provenance = train_motion_reward(args.out, config, command=command.strip())
     print(json.dumps(provenance["quality"], indent=2))
 
