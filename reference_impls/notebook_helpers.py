@@ -82,9 +82,15 @@ def show_grids(run_dir: Path):  # noqa: ANN201
 
     grids = sorted(Path(run_dir, "samples").glob("step_*.png"))
     chosen = [grids[0], grids[-1]] if len(grids) > 1 else grids
-    fig, axes = plt.subplots(len(chosen), 1, figsize=(10, 1.8 * len(chosen)), squeeze=False)
-    for ax, path in zip(axes[:, 0], chosen):
-        ax.imshow(Image.open(path))
+    pictures = [Image.open(path) for path in chosen]
+    width, height = pictures[0].size
+    if height > width / 3:  # clips: one frame strip per row, side by side so each stays readable
+        fig, axes = plt.subplots(1, len(chosen), figsize=(7 * len(chosen), 7 * height / width + 0.5), squeeze=False)
+        axes = axes.T
+    else:
+        fig, axes = plt.subplots(len(chosen), 1, figsize=(10, 1.8 * len(chosen)), squeeze=False)
+    for ax, path, picture in zip(axes[:, 0], chosen, pictures):
+        ax.imshow(picture)
         ax.set_title(f"{path.stem.replace('_', ' ')}")
         ax.axis("off")
     fig.tight_layout()
