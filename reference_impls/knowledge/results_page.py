@@ -109,6 +109,21 @@ def _is_video(row: dict[str, Any]) -> bool:
     return row.get("world") == "motion"
 
 
+def _gain_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The main results table: one line per measured method (image and video sections alike)."""
+    lines = ["| method | reward | base | held-out accuracy: base → trained | gain [95% CI] | verdict "
+             "| matched score gain [95% CI] | trained reward gain [95% CI] | seeds | minutes / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        accuracy = row["heldout"]["accuracy"]
+        lines.append(
+            f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
+            f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
+            f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
+            f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    return lines
+
+
 def _video_methods_section() -> str:
     data = _load("methods")
     rows = [row for row in _measured_rows(data) if _is_video(row)]
@@ -116,16 +131,7 @@ def _video_methods_section() -> str:
             "`python -m benchmarks.method_table METHOD --world motion --seeds 0 1 2`.\n"]
     if not rows:
         return "\n".join(text) + _missing("method_table --world motion")
-    text.append("| method | reward | base | held-out accuracy: base → trained | gain [95% CI] | verdict "
-                "| matched score gain [95% CI] | trained reward gain [95% CI] | seeds | minutes / run |")
-    text.append("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        accuracy = row["heldout"]["accuracy"]
-        text.append(
-            f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
-            f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
-            f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
-            f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    text.extend(_gain_table(rows))
     text.append("\nPer task (held-out accuracy, base → trained, and the paired gain):\n")
     text.append("| method | " + " | ".join(MOTION_TASK_LABELS.values()) + " | task mean |")
     text.append("|---|" + "---|" * (len(MOTION_TASK_LABELS) + 1))
@@ -152,16 +158,7 @@ def _methods_section() -> str:
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
     text.append(f"![Held-out accuracy against samples seen, mean and range over seeds]({CURVES})\n")
-    text.append("| method | reward | base | held-out accuracy: base → trained | gain [95% CI] | verdict "
-                "| matched score gain [95% CI] | trained reward gain [95% CI] | seeds | minutes / run |")
-    text.append("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        accuracy = row["heldout"]["accuracy"]
-        text.append(
-            f"| [{row['method']}](methods/{row['bib_key']}.md) | `{row['reward']}` | `{row['model']}` "
-            f"| {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
-            f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
-            f"| {len(row['seeds'])} | {_fmt(row['minutes_per_run'], 1)} |")
+    text.extend(_gain_table(rows))
     gridded = [row for row in rows if row.get("grid")]
     if gridded:
         text.append("\n### Before and after, same prompts and noise\n")
