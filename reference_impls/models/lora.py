@@ -9,6 +9,8 @@ than every weight of the network.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -57,3 +59,29 @@ def merged_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
         if module_name not in adapted:
             merged[plain] = value.detach().clone()
     return merged
+
+
+def save_pipeline_lora(denoiser: torch.nn.Module, pipeline_class: str, directory: str | Path) -> Path:
+    """Write ``denoiser``'s adapters where ``pipe.load_lora_weights(directory)`` finds them.
+
+    The file is diffusers' own format (``pytorch_lora_weights.safetensors``, written by the pipeline
+    class's ``save_lora_weights``), with the adapter's rank and alpha as metadata so a loader rebuilds
+    the same ``alpha / r`` scale.
+    """
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from reference_impls.models.pipelines import DENOISER_COMPONENT
+
+    if pipeline_class not in DENOISER_COMPONENT:
+        raise ValueError(f"no LoRA format for pipeline class {pipeline_class!r}; "
+                         f"supported: {', '.join(DENOISER_COMPONENT)}")
+    component = DENOISER_COMPONENT[pipeline_class]
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    metadata = denoiser.peft_config["default"].to_dict()  # type: ignore[index]
+    directory = Path(directory)
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        directory, safe_serialization=True,
+        **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": metadata})
+    return directory / "pytorch_lora_weights.safetensors"

@@ -29,6 +29,9 @@ from torch import nn
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 
 SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
+DENOISER_COMPONENT: dict[str, str] = {"StableDiffusionPipeline": "unet", "TextToVideoSDPipeline": "unet",
+                                      "StableDiffusion3Pipeline": "transformer"}
+"""The pipeline component each supported class trains (the name of its LoRA layers and of its folder)."""
 VIDEO_FRAMES = 16
 """Frames of a text-to-video pipeline's samples (``TextToVideoSDPipeline.__call__``'s default)."""
 UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
@@ -220,6 +223,7 @@ def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length
         raise UnsupportedPipelineError(
             f"unsupported pipeline class {class_name!r}; supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
+    policy.pipeline_class = class_name
     _freeze(policy.text_encoder)
     _freeze(pipe.vae)
     policy.denoiser.eval()  # no dropout while sampling; trainers switch modes themselves

@@ -68,6 +68,9 @@ class GenerativePolicy:
     """Kept for LoRA/text-encoder methods; frozen by default."""
     world: str | None = None
     """Name of the synthetic world the model was pretrained on ("shapes"), None for real checkpoints."""
+    pipeline_class: str | None = None
+    """The diffusers pipeline class a real checkpoint was loaded from ("StableDiffusionPipeline"), None
+    for the shipped tiny models; a run's ``final/`` is written in that pipeline's LoRA format."""
 
     @property
     def kind(self) -> str:

@@ -7,7 +7,9 @@ Run directory contract::
                          the method's diagnostics, and eval_* keys on evaluation steps (step 0 = before)
     samples/step_XXXXXX.png   grids on fixed held-out prompts (video: frame strips, and a .gif beside them)
     checkpoints/         atomic safetensors checkpoints + ``latest``; ``--resume`` continues from it
-    final/               the trained model as a loadable folder (``rlvg eval --model RUN/final``)
+    final/               the trained model as a loadable folder (``rlvg eval --model RUN/final``); for a
+                         diffusers pipeline, its LoRA (``pipe.load_lora_weights(RUN/final)``) or the
+                         fine-tuned ``unet``/``transformer`` folder
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ def _save_final(method: Method, run: RunDirectory) -> None:
     """The trained model as a folder ``rlvg eval``/``sample`` accept (ShapeWorld and MotionWorld models)."""
     policy = method.policy
     if policy.world is None:
+        _save_pipeline_final(method, run)
         return
     import shutil
 
@@ -206,3 +209,27 @@ def _save_final(method: Method, run: RunDirectory) -> None:
         shutil.rmtree(final)
     partial.rename(final)
 
+
+
+def _save_pipeline_final(method: Method, run: RunDirectory) -> None:
+    """A real pipeline's run: the adapters in diffusers' LoRA format (``pipe.load_lora_weights(RUN/final)``),
+    or, after full fine-tuning, the denoiser as a component folder (``final/unet`` or ``final/transformer``)."""
+    import shutil
+
+    from reference_impls.models.lora import save_pipeline_lora
+    from reference_impls.models.pipelines import DENOISER_COMPONENT
+
+    policy = method.policy
+    if policy.pipeline_class not in DENOISER_COMPONENT:
+        return
+    final, partial = run.root / "final", run.root / ".final.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    if has_lora(policy.denoiser):
+        save_pipeline_lora(policy.denoiser, policy.pipeline_class, partial)
+    else:
+        policy.denoiser.save_pretrained(partial / DENOISER_COMPONENT[policy.pipeline_class], safe_serialization=True)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
