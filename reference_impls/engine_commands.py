@@ -271,7 +271,35 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
         method_parser.add_argument("--out", default=None, help="run directory (default: runs/METHOD-PRESET-seedS)")
         method_parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        method_parser.add_argument(
+            "--num-processes", type=int, default=1,
+            help="data-parallel processes, launched through accelerate (gloo on CPU, one GPU each with "
+                 "--device cuda); the batch and minibatch must split evenly (default 1)")
         method_parser.set_defaults(handler=_cmd_train)
+
+
+def _launch_processes(args: argparse.Namespace) -> int:
+    """Run this same ``rlvg train`` command in ``--num-processes`` processes through ``accelerate launch``."""
+    import socket
+    import subprocess
+
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+        elif item == "--num-processes":
+            skip = True
+        elif not item.startswith("--num-processes="):
+            argv.append(item)
+    with socket.socket() as probe:  # a free port, so that runs side by side do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # accelerate's --multi_gpu is its torchrun launcher; on a machine without GPUs the processes
+    # then form a gloo group (Accelerator(cpu=True)).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "reference_impls.cli", *argv]
+    return subprocess.call(command)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -279,6 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from reference_impls.rewards import UnknownRewardError, get_reward
     from reference_impls.training import NonFiniteLossError, build_config, train
     from reference_impls.training.config import field_docs
+    from reference_impls.training.distributed import launched_by_accelerate, setup_distributed
 
     cls = get_method(args.method)
     overrides = {name: getattr(args, name) for name in field_docs(cls.config_class) if hasattr(args, name)}
@@ -287,12 +316,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         reward = get_reward(config.reward)
     except (ValueError, UnknownRewardError) as error:
         raise UsageError(str(error)) from None
+    if args.num_processes < 1:
+        raise UsageError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and not launched_by_accelerate():
+        if not cls.supports_distributed:
+            from reference_impls.algorithms import METHODS
+
+            able = [name for name, c in METHODS.items() if c.supports_distributed]
+            raise UsageError(f"{cls.name} runs in one process only; methods that run over several processes: "
+                             f"{', '.join(able)}")
+        return _launch_processes(args)
+    distributed = setup_distributed(cpu=config.device == "cpu")
     _set_threads(config.threads)
-    policy = _load(config.model, config.device)
+    device = config.device if not distributed.enabled or config.device == "cpu" else str(distributed.accelerator.device)
+    policy = _load(config.model, device)
     try:
         method = cls(policy=policy, reward=reward, config=config)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    method.distributed = distributed
     out = Path(args.out or f"runs/{cls.name}-{config.preset}-seed{config.seed}")
     try:
         records = train(method, out, resume=args.resume, progress=not args.no_progress)
@@ -301,6 +343,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"rlvg train: {error}", file=sys.stderr)
         return 1
+    if not distributed.is_main:
+        return 0
     first = next((r for r in records if "eval_accuracy" in r), {})
     last = next((r for r in reversed(records) if "eval_accuracy" in r), {})
     summary = {"out": str(out), "steps": records[-1]["step"] if records else 0,

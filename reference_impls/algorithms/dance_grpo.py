@@ -98,6 +98,7 @@ class DanceGRPO(Method):
 
     name: ClassVar[str] = "dance-grpo"
     bib_key: ClassVar[str] = "xue2025dancegrpo"
+    supports_distributed: ClassVar[bool] = True
     config_class: ClassVar[type] = DanceGRPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS

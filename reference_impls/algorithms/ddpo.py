@@ -114,6 +114,7 @@ class DDPO(Method):
 
     name: ClassVar[str] = "ddpo"
     bib_key: ClassVar[str] = "black2023ddpo"
+    supports_distributed: ClassVar[bool] = True
     config_class: ClassVar[type] = DDPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS
@@ -144,7 +145,7 @@ class DDPO(Method):
         stats = []
         for _ in range(config.inner_epochs):
             steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std)
-            for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng):
+            for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng, self.distributed):
                 rows = torch.as_tensor(rows)
                 for k in range(steps.shape[1]):
                     loss, stat = self.minibatch_loss(batch, rows, steps[rows, k], advantages)

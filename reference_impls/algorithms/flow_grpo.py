@@ -93,6 +93,7 @@ class FlowGRPO(Method):
 
     name: ClassVar[str] = "flow-grpo"
     bib_key: ClassVar[str] = "liu2025flowgrpo"
+    supports_distributed: ClassVar[bool] = True
     config_class: ClassVar[type] = FlowGRPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     video_presets: ClassVar[dict[str, dict[str, Any]]] = VIDEO_PRESETS

@@ -178,7 +178,7 @@ def grpo_update(method: Method, trajectory: Trajectory, advantages: torch.Tensor
     stats = UpdateStats()
     started = time.perf_counter()
     for _ in range(config.inner_epochs):
-        for rows in minibatch_indices(trajectory.batch_size, config.minibatch_size, rng):
+        for rows in minibatch_indices(trajectory.batch_size, config.minibatch_size, rng, method.distributed):
             rows = torch.as_tensor(rows)
             sub = trajectory.subset(rows)
             for k in range(steps.shape[1]):

@@ -112,6 +112,7 @@ class MixGRPO(Method):
 
     name: ClassVar[str] = "mix-grpo"
     bib_key: ClassVar[str] = "li2025mixgrpo"
+    supports_distributed: ClassVar[bool] = True
     config_class: ClassVar[type] = MixGRPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("flow",)

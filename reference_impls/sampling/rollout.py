@@ -220,6 +220,18 @@ def initial_noise(policy: GenerativePolicy, batch: int, generator: torch.Generat
     return torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device)
 
 
+def _step_noise(policy: GenerativePolicy, schedule: Schedule, index: int, shape: tuple[int, ...],
+                generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The standard normal noise of step ``index`` for the whole batch, or None where the step draws none.
+
+    Diffusion steps draw at every step (a deterministic DDIM step multiplies its draw by 0) and flow steps
+    only where the SDE is on: the same stream the step functions would draw themselves.
+    """
+    if policy.kind != "diffusion" and not bool(schedule.stochastic[index]):
+        return None
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 @torch.no_grad()
 def rollout(
     policy: GenerativePolicy,
@@ -229,11 +241,21 @@ def rollout(
     *,
     noise: torch.Tensor | None = None,
     progress: bool = False,
+    rows: slice | None = None,
 ) -> Trajectory:
-    """Sample images for ``prompts`` and record the trajectory (no gradients)."""
+    """Sample images for ``prompts`` and record the trajectory (no gradients).
+
+    ``rows`` samples only that block of the batch (one process's share in data-parallel training). Every
+    random draw is still made for the whole batch and then sliced, so the block's images are exactly the
+    ones a single process sampling all of ``prompts`` would produce.
+    """
     schedule = make_schedule(policy, config)
+    rows = rows or slice(None)
+    batch = len(prompts)
+    prompts = list(prompts)[rows]
     cond, uncond = encode_prompts(policy, prompts, config)
-    x = initial_noise(policy, len(prompts), generator) if noise is None else noise.to(policy.device)
+    x = initial_noise(policy, batch, generator) if noise is None else noise.to(policy.device)
+    x = x[rows]
     states = [x]
     log_probs = torch.zeros(len(prompts), schedule.num_steps, device=x.device)
     step_stds = torch.zeros(schedule.num_steps)
@@ -246,7 +268,9 @@ def rollout(
         index = torch.full((len(prompts),), i, dtype=torch.long)
         output = guided_prediction(policy, x, schedule.model_timesteps[i].to(x.device), cond, uncond,
                                    config.guidance_scale)
-        step = apply_step(policy, config, schedule, index, x, output, generator=generator)
+        step_noise = _step_noise(policy, schedule, i, (batch, *x.shape[1:]), generator, x)
+        step = apply_step(policy, config, schedule, index, x, output,
+                          noise=None if step_noise is None else step_noise[rows])
         if step.log_prob is not None:
             log_probs[:, i] = step.log_prob
         step_stds[i] = float(torch.as_tensor(step.std).max())

@@ -115,28 +115,43 @@ def _finite(metrics: dict[str, float]) -> bool:
 
 def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``method`` for ``config.steps`` outer iterations; returns the metrics records."""
+    """Run ``method`` for ``config.steps`` outer iterations; returns the metrics records.
+
+    In a data-parallel run (``method.distributed``) every process trains; the main one alone evaluates
+    and writes the run directory.
+    """
     config = method.config
+    distributed = method.distributed
+    if distributed.enabled and not method.supports_distributed:
+        from reference_impls.algorithms import METHODS
+
+        able = [name for name, cls in METHODS.items() if cls.supports_distributed]
+        raise ValueError(f"{method.name} runs in one process only; methods that run over several: {', '.join(able)}")
+    main = distributed.is_main
     run = RunDirectory(out_dir)
-    run.prepare({"method": method.name, **dataclasses.asdict(config)}, resume)
+    if main:
+        run.prepare({"method": method.name, **dataclasses.asdict(config)}, resume)
+    distributed.wait()
     start_step, wall_offset, samples_seen = 0, 0.0, 0
     checkpoint = latest_checkpoint(run.checkpoints) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, method.policy.denoiser, method.optimizer)
         method.load_state_dict(state.get("method", {}))
         start_step, samples_seen = int(state["step"]), int(state.get("samples_seen", 0))
-        wall_offset = run.truncate_metrics(start_step)
-        print(f"resuming {method.name} from {checkpoint} (step {start_step})")
-    elif run.metrics_path.exists():
+        if main:
+            wall_offset = run.truncate_metrics(start_step)
+            print(f"resuming {method.name} from {checkpoint} (step {start_step})")
+    elif main and run.metrics_path.exists():
         run.metrics_path.unlink()  # --resume without a checkpoint: start clean
     world = method.policy.world
     eval_prompts = heldout_prompts(config.eval_prompts, world=world) if world is not None else []
     started = time.perf_counter()
-    if start_step == 0:
+    if start_step == 0 and main:
         record = {"step": 0, "wall_s": 0.0, "samples_seen": 0, **_evaluate(method, run, 0, eval_prompts)}
         run.log(record)
+    distributed.wait()
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start_step, desc=method.name, unit="step")
@@ -144,11 +159,17 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
     try:
         for step in range(start_step, config.steps):
             ctx = step_context(config.seed, step, device="cpu")
-            metrics = method.train_step(ctx)
+            metrics = distributed.average_metrics(method.train_step(ctx))
             if not _finite(metrics):
                 raise NonFiniteLossError(f"non-finite metrics at step {step + 1}: {metrics}")
             samples_seen += int(metrics.pop("samples", config.batch_size))
             done = step + 1
+            checkpoint_now = done % config.checkpoint_every == 0 or done == config.steps
+            if not main:
+                if checkpoint_now:
+                    last_good = done
+                distributed.wait()  # the main process evaluates and writes before the next step
+                continue
             record: dict[str, Any] = {"step": done, **metrics}
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
                 record.update(_evaluate(method, run, done, eval_prompts))
@@ -157,11 +178,12 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
             run.log(record)
             if on_step is not None:
                 on_step(record)
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if checkpoint_now:
                 save_checkpoint(run.checkpoints, done, method.policy.denoiser, method.optimizer,
                                 {"samples_seen": samples_seen, "method": method.state_dict()})
                 prune_checkpoints(run.checkpoints)
                 last_good = done
+            distributed.wait()
             if bar is not None:
                 bar.update(1)
                 shown = {k: f"{record[k]:.3g}" for k in ("reward_mean", "approx_kl", "loss") if k in record}
@@ -174,7 +196,9 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
     finally:
         if bar is not None:
             bar.close()
-    _save_final(method, run)
+    if main:
+        _save_final(method, run)
+    distributed.wait()
     return run.read_metrics()
 
 

@@ -12,6 +12,7 @@ import torch
 from reference_impls.models.policy import GenerativePolicy
 from reference_impls.rewards import RewardFunction
 from reference_impls.training.config import TrainConfig
+from reference_impls.training.distributed import SINGLE_PROCESS, Distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,11 +51,15 @@ class Method:
     """Per preset, the settings that change when the model is a video model (clips cost ~9 images)."""
     supported_kinds: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
     needs_differentiable_reward: ClassVar[bool] = False
+    supports_distributed: ClassVar[bool] = False
+    """Whether the method runs data-parallel over several processes (``--num-processes``)."""
 
     policy: GenerativePolicy
     reward: RewardFunction
     config: TrainConfig
     optimizer: torch.optim.Optimizer = field(init=False)
+    distributed: Distributed = field(default=SINGLE_PROCESS, init=False)
+    """This process's place in a data-parallel run (the training loop sets it)."""
 
     def __post_init__(self) -> None:
         if self.policy.kind not in self.supported_kinds:
@@ -114,7 +119,8 @@ class Method:
         return [text] * n
 
     def apply_gradients(self) -> float:
-        """Clip, check finiteness, step; returns the gradient norm."""
+        """Average over processes, clip, check finiteness, step; returns the gradient norm."""
+        self.distributed.average_gradients(self.policy.trainable_parameters())
         norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)

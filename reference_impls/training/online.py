@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from reference_impls.sampling import SamplerConfig, Trajectory, rollout
+from reference_impls.training.distributed import SINGLE_PROCESS, Distributed, gather_trajectory
 from reference_impls.training.method import Method, StepContext
 
 
@@ -41,18 +42,29 @@ def sampler_from_config(method: Method) -> SamplerConfig:
 
 def collect(method: Method, ctx: StepContext, prompts: list[str], sampler: SamplerConfig | None = None,
             noise: torch.Tensor | None = None) -> Batch:
-    policy = method.policy
+    """Sample and score ``prompts``. Over several processes each samples and scores its block, and every
+    process gets the whole scored batch back."""
+    policy, distributed = method.policy, method.distributed
+    rows = distributed.block(len(prompts)) if distributed.enabled else None
     policy.denoiser.eval()
-    trajectory = rollout(policy, prompts, sampler or sampler_from_config(method), ctx.generator, noise=noise)
+    trajectory = rollout(policy, prompts, sampler or sampler_from_config(method), ctx.generator, noise=noise,
+                         rows=rows)
     policy.denoiser.train()
-    rewards = method.reward(trajectory.images, prompts).float()
+    rewards = method.reward(trajectory.images, trajectory.prompts).float()
+    if distributed.enabled:
+        trajectory = gather_trajectory(trajectory, prompts, distributed)
+        rewards = distributed.gather(rewards)
     return Batch(trajectory, rewards)
 
 
-def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Generator,
+                      distributed: Distributed = SINGLE_PROCESS) -> Iterator[np.ndarray]:
+    """Shuffled minibatches; over several processes, this process's block of each (the gradients of the
+    blocks are averaged before the optimiser step)."""
     order = rng.permutation(batch_size)
     for start in range(0, batch_size, minibatch_size):
-        yield order[start : start + minibatch_size]
+        rows = order[start : start + minibatch_size]
+        yield rows[distributed.block(len(rows), "minibatch")] if distributed.enabled else rows
 
 
 def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator,
