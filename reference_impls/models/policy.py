@@ -68,6 +68,8 @@ class GenerativePolicy:
     """Kept for LoRA/text-encoder methods; frozen by default."""
     world: str | None = None
     """Name of the synthetic world the model was pretrained on ("shapes"), None for real checkpoints."""
+    autocast_dtype: torch.dtype | None = None
+    """Dtype of the denoiser's forward passes under autocast (mixed precision), None for fp32."""
     pipeline_class: str | None = None
     """The diffusers pipeline class a real checkpoint was loaded from ("StableDiffusionPipeline"), None
     for the shipped tiny models; a run's ``final/`` is written in that pipeline's LoRA format."""
@@ -90,7 +92,12 @@ class GenerativePolicy:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def predict(self, x: torch.Tensor, model_timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.call_denoiser(self.denoiser, x, model_timestep, cond)
+        if self.autocast_dtype is None:
+            return self.call_denoiser(self.denoiser, x, model_timestep, cond)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            output = self.call_denoiser(self.denoiser, x, model_timestep, cond)
+        # The Gaussian of the step (its mean, std and log-density) is computed in fp32 from here on.
+        return output.float()
 
     def with_denoiser(self, denoiser: nn.Module) -> GenerativePolicy:
         """The same policy with another denoiser (e.g. the frozen reference of a KL or DPO term)."""

@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any, get_type_hints
 
 PRESETS = ("smoke", "cpu", "gpu")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     (0 = full fine-tuning). The final model folder holds the merged weights."""
     lora_alpha: float = 0.0
     """LoRA scale numerator: the update is (lora_alpha / lora_rank) B A (0 = lora_rank, a scale of 1)."""
+    mixed_precision: str = "no"
+    """Denoiser forward passes under autocast: no, bf16 or fp16. Weights, optimiser state and the sampler's
+    Gaussian arithmetic (means, stds, log-probs) stay fp32. fp16 has no loss scaling: prefer bf16."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 
 
 @cache

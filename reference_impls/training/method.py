@@ -15,6 +15,9 @@ from reference_impls.training.config import TrainConfig
 from reference_impls.training.distributed import SINGLE_PROCESS, Distributed
 
 
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss or gradient became NaN/inf; the loop stops and keeps the last good checkpoint."""
 
@@ -83,6 +86,7 @@ class Method:
             from reference_impls.models.lora import add_lora
 
             add_lora(self.policy.denoiser, self.config.lora_rank, self.config.lora_alpha or None)
+        self.policy.autocast_dtype = AUTOCAST_DTYPES[self.config.mixed_precision]
         self.policy.denoiser.train()
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
                                            weight_decay=1e-4)
