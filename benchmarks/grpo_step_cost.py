@@ -34,7 +34,7 @@ SHARED_SETTINGS = dict(model="shapes-flow", reward="shapes-composition", batch_s
 def build(name: str) -> Method:
     cls = METHODS[name]
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", **SHARED_SETTINGS})
-    return cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config)
+    return cls(policy=load_policy(config.model), reward=get_reward(config.reward, config.reward_model or None), config=config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,7 @@ def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, ove
         shutil.rmtree(out)
     torch.set_num_threads(config.threads or 1)
     start = time.perf_counter()
-    records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), out,
+    records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward, config.reward_model or None), config=config), out,
                     progress=True)
     wall = time.perf_counter() - start
     scores = score_both_protocols(out / "final", config.reward, quick)

@@ -313,7 +313,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in field_docs(cls.config_class) if hasattr(args, name)}
     try:
         config = build_config(cls.config_class, cls.presets, overrides, cls.video_presets)
-        reward = get_reward(config.reward)
+        reward = get_reward(config.reward, config.reward_model or None)
     except (ValueError, UnknownRewardError) as error:
         raise UsageError(str(error)) from None
     if args.num_processes < 1:

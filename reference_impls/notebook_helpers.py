@@ -38,7 +38,7 @@ def run_method(method: str, reward: str, *, smoke: bool, device: str = "cpu", se
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # tiny models: extra threads only add contention (papermill cell timeouts)
     policy = load_policy(config.model, device=device)
-    instance = cls(policy=policy, reward=get_reward(config.reward), config=config)
+    instance = cls(policy=policy, reward=get_reward(config.reward, config.reward_model or None), config=config)
     # Relative to the repository root, not the kernel's directory: JupyterLab starts kernels in notebooks/.
     root = Path(out_root) if Path(out_root).is_absolute() else repo_root() / out_root
     out = root / f"{method}-{reward}-{preset}-seed{seed}"

@@ -268,3 +268,22 @@ def save_tiny_pipeline(kind: TinyKind, directory: str | Path, seed: int = 0) -> 
     directory = Path(directory)
     build_tiny_pipeline(kind, seed).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random ``CLIPModel`` with its tokenizer and image-processor files: the stand-in for the folders
+    of the pretrained rewards (PickScore, the aesthetic predictor's CLIP) in tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    text = _clip_config(tokenizer, projection_dim=16)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=16)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(directory)
+    return directory

@@ -208,9 +208,21 @@ def reward_names() -> list[str]:
     return sorted(REWARDS)
 
 
-def get_reward(name: str) -> RewardFunction:
+def get_reward(name: str, model_path: str | None = None) -> RewardFunction:
+    """The named reward; a pretrained one (``pickscore``, ``aesthetic``) loads from ``model_path``."""
+    from reference_impls.rewards.pretrained import PRETRAINED_REWARDS
+
+    if name in PRETRAINED_REWARDS:
+        if not model_path:
+            raise ValueError(f"reward {name!r} is a pretrained model: pass --reward-model PATH, a local folder with "
+                             "its weights (see reference_impls/rewards/pretrained.py)")
+        return PRETRAINED_REWARDS[name](model_path)
+    if model_path:
+        raise ValueError(f"--reward-model is for the pretrained rewards ({', '.join(PRETRAINED_REWARDS)}); "
+                         f"{name!r} takes none")
     if name in REWARDS:
         return REWARDS[name]
-    close = difflib.get_close_matches(name, REWARDS, n=3)
+    valid = [*reward_names(), *(f"{n} (with --reward-model PATH)" for n in PRETRAINED_REWARDS)]
+    close = difflib.get_close_matches(name, [*REWARDS, *PRETRAINED_REWARDS], n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Valid rewards: {', '.join(reward_names())}")
+    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Valid rewards: {', '.join(valid)}")

@@ -1,0 +1,176 @@
+"""Rewards from pretrained models, loaded from folders the user points at (never from the Hub).
+
+* ``pickscore``: PickScore (Kirstain et al., 2023), a CLIP model fine-tuned on human choices between
+  images for a prompt. The reward is the model's logit, ``exp(logit_scale) * cos(image, text)``. The folder
+  is a ``CLIPModel`` saved with ``save_pretrained``, with its tokenizer and image-processor files beside it.
+* ``aesthetic``: the LAION aesthetic predictor (v2), an MLP on the L2-normalised CLIP ViT-L/14 image
+  embedding that predicts a 1-10 rating. The folder holds the CLIP model (``save_pretrained``) and the
+  head as ``aesthetic_head.safetensors``; :func:`convert_aesthetic_head` makes that file from the
+  released ``.pth`` state dict (read with ``weights_only=True``: no pickled code runs).
+
+Both are differentiable: the images are resized, cropped and normalised with torch operations (the
+folder's image-processor settings), so reward-backprop methods can use them. A clip (B, 3, F, H, W) is
+scored frame by frame and averaged. HPSv2 needs open_clip's checkpoint format and is not built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference_impls.rewards.registry import RewardFunction
+
+AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
+
+
+class PretrainedRewardError(ValueError):
+    """A pretrained reward's folder is missing or incomplete; the message says what is expected."""
+
+
+class ClipImageInput(nn.Module):
+    """Images in [0, 1] -> CLIP pixel values, differentiably: resize the short side, centre-crop, normalise."""
+
+    def __init__(self, short_side: int, crop: int, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.short_side, self.crop = short_side, crop
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ClipImageInput:
+        config_path = folder / "preprocessor_config.json"
+        if not config_path.is_file():
+            raise PretrainedRewardError(f"{config_path} is missing: save the CLIP processor into the folder "
+                                        "(processor.save_pretrained(PATH))")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        size, crop = config.get("size", 224), config.get("crop_size", 224)
+        short = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
+        crop = crop.get("height", short) if isinstance(crop, dict) else int(crop)
+        return cls(int(short), int(crop), config["image_mean"], config["image_std"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        scale = self.short_side / min(height, width)
+        size = (max(self.crop, round(height * scale)), max(self.crop, round(width * scale)))
+        resized = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
+        cropped = resized[..., top : top + self.crop, left : left + self.crop]
+        return (cropped - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+
+def _features(output: torch.Tensor | object) -> torch.Tensor:
+    """Projected embeddings from ``get_*_features`` (a tensor, or an output whose pooler holds them)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
+
+
+def _frames_averaged(score: Callable[[torch.Tensor, list[str]], torch.Tensor]
+                     ) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """Score images, or clips (B, 3, F, H, W) as the mean over their frames."""
+
+    def scored(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.dim() == 4:
+            return score(images, prompts)
+        batch, _, frames = images.shape[:3]
+        flat = images.transpose(1, 2).reshape(batch * frames, *images.shape[1:2], *images.shape[3:])
+        return score(flat, [p for p in prompts for _ in range(frames)]).view(batch, frames).mean(dim=1)
+
+    return scored
+
+
+def _load_clip(folder: Path) -> tuple[nn.Module, ClipImageInput]:
+    from transformers import CLIPModel
+
+    if not (folder / "config.json").is_file():
+        raise PretrainedRewardError(f"{folder} has no config.json: pass a folder written by CLIPModel.save_pretrained")
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+    model.requires_grad_(False).eval()
+    return model, ClipImageInput.from_folder(folder)
+
+
+def load_pickscore(folder: str | Path) -> RewardFunction:
+    """PickScore's logit exp(logit_scale) cos(image, text) from a saved CLIP model folder."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    model, pixels = _load_clip(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        image_embeds = _features(model.get_image_features(pixel_values=pixels.to(device)(images.to(device))))
+        text_embeds = _features(model.get_text_features(**tokens))
+        cosine = F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+        return model.logit_scale.exp() * cosine
+
+    return RewardFunction("pickscore", _frames_averaged(score), True,
+                          f"PickScore from {folder}: exp(logit_scale) cos(image, text) of a CLIP model tuned on "
+                          "human choices", modality="any")
+
+
+class AestheticHead(nn.Module):
+    """The LAION aesthetic predictor's MLP (v2): embedding -> 1024 -> 128 -> 64 -> 16 -> rating.
+
+    The layer indices follow the released state dict (dropout layers sit between the linear ones), so
+    its keys load as they are.
+    """
+
+    def __init__(self, embedding_dim: int = 768) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(embedding_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(embedding).squeeze(-1)
+
+
+def convert_aesthetic_head(pth_file: str | Path, folder: str | Path) -> Path:
+    """The released head (a ``.pth`` state dict) as ``FOLDER/aesthetic_head.safetensors``."""
+    from safetensors.torch import save_file
+
+    state = torch.load(str(pth_file), map_location="cpu", weights_only=True)  # tensors only, no pickled code
+    head = AestheticHead(int(state["layers.0.weight"].shape[1]))
+    head.load_state_dict(state)
+    out = Path(folder) / AESTHETIC_HEAD_FILE
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
+    return out
+
+
+def load_aesthetic(folder: str | Path) -> RewardFunction:
+    """The LAION aesthetic rating of the normalised CLIP image embedding."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    head_file = folder / AESTHETIC_HEAD_FILE
+    if not head_file.is_file():
+        raise PretrainedRewardError(f"{head_file} is missing: convert the released head with "
+                                    "reference_impls.rewards.pretrained.convert_aesthetic_head(PTH, FOLDER)")
+    model, pixels = _load_clip(folder)
+    state = load_file(str(head_file))
+    head = AestheticHead(int(state["layers.0.weight"].shape[1]))
+    head.load_state_dict(state)
+    head.requires_grad_(False).eval()
+
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        del prompts  # the rating ignores the prompt
+        device = next(model.parameters()).device
+        embedding = _features(model.get_image_features(pixel_values=pixels.to(device)(images.to(device))))
+        return head.to(device)(F.normalize(embedding, dim=-1))
+
+    return RewardFunction("aesthetic", _frames_averaged(score), True,
+                          f"LAION aesthetic predictor from {folder}: a 1-10 rating of the CLIP image embedding",
+                          modality="any")
+
+
+PRETRAINED_REWARDS: dict[str, Callable[[str | Path], RewardFunction]] = {
+    "pickscore": load_pickscore,
+    "aesthetic": load_aesthetic,
+}
+"""Rewards whose weights come from a folder (``--reward NAME --reward-model PATH``)."""
