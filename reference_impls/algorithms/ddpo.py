@@ -28,7 +28,13 @@ from reference_impls.algorithms.estimators import PerPromptStatTracker, ppo_clip
 from reference_impls.sampling import transition_log_prob
 from reference_impls.training.config import TrainConfig
 from reference_impls.training.method import Method, StepContext
-from reference_impls.training.online import collect, minibatch_indices, reward_metrics, training_steps
+from reference_impls.training.online import (
+    collect,
+    minibatch_indices,
+    reward_metrics,
+    step_chunks,
+    training_steps,
+)
 
 
 @dataclass
@@ -45,6 +51,9 @@ class DDPOConfig(TrainConfig):
     """Samples per gradient step (gradients accumulate over the minibatch's timesteps)."""
     timestep_fraction: float = 1.0
     """Fraction of the denoising steps each sample trains on."""
+    steps_per_call: int = 1
+    """Trained denoising steps of every minibatch sample recomputed in one denoiser call (0 = all of them
+    at once: fastest for small models on CPU; memory grows with it)."""
     clip_range: float = 1e-4
     """PPO clip epsilon on the ratio of per-pixel-averaged densities (the public code's 1e-4)."""
     adv_clip_max: float = 5.0
@@ -147,9 +156,10 @@ class DDPO(Method):
             steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std)
             for rows in minibatch_indices(len(prompts), config.minibatch_size, ctx.rng, self.distributed):
                 rows = torch.as_tensor(rows)
-                for k in range(steps.shape[1]):
-                    loss, stat = self.minibatch_loss(batch, rows, steps[rows, k], advantages)
-                    (loss / steps.shape[1]).backward()
+                # Gradients accumulate over the minibatch's steps, several steps per denoiser call.
+                for row, column, n in step_chunks(rows, steps.shape[1], config.steps_per_call):
+                    loss, stat = self.minibatch_loss(batch, row, steps[row, column], advantages)
+                    (loss * n / steps.shape[1]).backward()
                     stats.append(stat)
                 self.apply_gradients()
         # --8<-- [end:train_step]

@@ -43,7 +43,7 @@ from reference_impls.sampling import Trajectory, transition_log_prob
 from reference_impls.sampling.rollout import initial_noise
 from reference_impls.training.config import TrainConfig
 from reference_impls.training.method import Method
-from reference_impls.training.online import minibatch_indices
+from reference_impls.training.online import minibatch_indices, step_chunks
 
 
 @dataclass
@@ -66,6 +66,9 @@ class GRPOConfig(TrainConfig):
     """Passes over each collected batch."""
     minibatch_size: int = 8
     """Images per optimiser step; gradients accumulate over the minibatch's trained steps."""
+    steps_per_call: int = 1
+    """Trained denoising steps of every minibatch sample recomputed in one denoiser call (0 = all of them
+    at once: fastest for small models on CPU; memory grows with it)."""
     reduction: str = "mean"
     """Reduction of per-pixel log-densities and KL: mean (the public codes') or sum."""
     kl_form: str = "official"
@@ -180,12 +183,11 @@ def grpo_update(method: Method, trajectory: Trajectory, advantages: torch.Tensor
     for _ in range(config.inner_epochs):
         for rows in minibatch_indices(trajectory.batch_size, config.minibatch_size, rng, method.distributed):
             rows = torch.as_tensor(rows)
-            sub = trajectory.subset(rows)
-            for k in range(steps.shape[1]):
-                weight = None if weights is None else weights[rows, k]
-                loss, clip, kl = grpo_step_loss(method, sub, steps[rows, k], advantages[rows], config,
-                                                reference, weight)
-                (loss / steps.shape[1]).backward()
+            for row, column, n in step_chunks(rows, steps.shape[1], config.steps_per_call):
+                weight = None if weights is None else weights[row, column]
+                loss, clip, kl = grpo_step_loss(method, trajectory.subset(row), steps[row, column], advantages[row],
+                                                config, reference, weight)
+                (loss * n / steps.shape[1]).backward()
                 stats.clip.append(clip)
                 if kl is not None:
                     stats.kl.append(kl)

@@ -67,6 +67,22 @@ def minibatch_indices(batch_size: int, minibatch_size: int, rng: np.random.Gener
         yield rows[distributed.block(len(rows), "minibatch")] if distributed.enabled else rows
 
 
+def step_chunks(rows: torch.Tensor, num_steps: int, steps_per_call: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Denoiser calls over a minibatch's (sample, trained step) pairs, ``steps_per_call`` steps of every sample
+    per call (0 = all of them in one call).
+
+    Yields ``(row, column, n)``: indices into the (B, K) matrix of trained steps for the pairs of one call,
+    which holds ``n`` of the K steps. A call's loss is a mean over its pairs, so ``(loss * n / K).backward()``
+    over the calls accumulates the gradient of one ``(loss_k / K).backward()`` per step; fewer, larger calls
+    cost less where per-call overhead dominates (small models, CPU).
+    """
+    per_call = num_steps if steps_per_call <= 0 else min(steps_per_call, num_steps)
+    for start in range(0, num_steps, per_call):
+        columns = torch.arange(start, min(start + per_call, num_steps))
+        # Step-major order: all samples at the first step of the call, then all at the next.
+        yield rows.repeat(len(columns)), columns.repeat_interleave(len(rows)), len(columns)
+
+
 def training_steps(trajectory: Trajectory, fraction: float, rng: np.random.Generator,
                    min_std: float = 0.0, skip_last: bool = False) -> torch.Tensor:
     """(B, K) step indices to train on: per sample, a random permutation of its stochastic steps,
