@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install serve site notebooks lab test browser lint bench clean
+.PHONY: install serve site notebooks lab test browser lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: install
 	$(PY) -m benchmarks.relation_given_objects
 	$(PY) -m benchmarks.overoptimisation
 	$(PY) -m benchmarks.method_table --seeds 0 1 2
+
+# Every method's gpu preset for a few iterations plus an SD-size UNet update at bf16 (needs CUDA; says so without).
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf site build docs/code docs/bib docs/methods docs/families docs/taxonomy.md docs/bibliography.md docs/notebooks docs/assets/generated docs/assets/mathjax

@@ -96,3 +96,4 @@ def test_full_fine_tuning_leaves_the_denoiser_folder(kind: str, saved: dict[str,
     loaded = model_class.from_pretrained(str(tmp_path / "run" / "final" / component))
     trained.eval()
     torch.testing.assert_close(_denoise(kind, loaded), _denoise(kind, trained), atol=0, rtol=0)
+
