@@ -52,3 +52,23 @@ def test_ddpo_and_grpo_gradients_do_not_depend_on_steps_per_call(per_call: int) 
         assert scale > 0
         for a, b in zip(one, batched):
             torch.testing.assert_close(b, a, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient() -> None:
+    plain = _first_gradient(DDPO, DDPOConfig, "diffusion", 1, min_step_std=0.0)
+    checkpointed = _first_gradient(DDPO, DDPOConfig, "diffusion", 1, min_step_std=0.0, gradient_checkpointing=True)
+    scale = max(float(g.abs().max()) for g in plain)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(b, a, atol=1e-5 * scale, rtol=1e-4)
+    config = DDPOConfig(reward="jpeg-compressibility", gradient_checkpointing=True)
+    method = DDPO(policy=tiny_policy("diffusion"), reward=get_reward(config.reward), config=config)
+    assert method.policy.denoiser.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_is_refused_by_a_denoiser_without_it() -> None:
+    from helpers import tiny_video_pair
+
+    config = DDPOConfig(reward="jpeg-compressibility", gradient_checkpointing=True)
+    _, video_policy = tiny_video_pair()
+    with pytest.raises(ValueError, match="does not support it"):
+        DDPO(policy=video_policy, reward=get_reward(config.reward), config=config)

@@ -63,6 +63,9 @@ class TrainConfig:
     (0 = full fine-tuning). The final model folder holds the merged weights."""
     lora_alpha: float = 0.0
     """LoRA scale numerator: the update is (lora_alpha / lora_rank) B A (0 = lora_rank, a scale of 1)."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's block activations during backward instead of storing them (diffusers'
+    enable_gradient_checkpointing): less memory for about a third more compute."""
     mixed_precision: str = "no"
     """Denoiser forward passes under autocast: no, bf16 or fp16. Weights, optimiser state and the sampler's
     Gaussian arithmetic (means, stds, log-probs) stay fp32. fp16 has no loss scaling: prefer bf16."""

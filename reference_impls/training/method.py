@@ -86,6 +86,12 @@ class Method:
             from reference_impls.models.lora import add_lora
 
             add_lora(self.policy.denoiser, self.config.lora_rank, self.config.lora_alpha or None)
+        if self.config.gradient_checkpointing:
+            denoiser = self.policy.denoiser
+            if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"--gradient-checkpointing: {type(denoiser).__name__} does not support it "
+                                 "(diffusers' UNet2DConditionModel and SD3Transformer2DModel do)")
+            denoiser.enable_gradient_checkpointing()  # type: ignore[operator]
         self.policy.autocast_dtype = AUTOCAST_DTYPES[self.config.mixed_precision]
         self.policy.denoiser.train()
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
