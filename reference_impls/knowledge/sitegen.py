@@ -33,6 +33,9 @@ TIMELINE = "assets/generated/timeline.png"
 MOTION_STRIP = "assets/generated/motionworld.png"
 MOTION_EXAMPLES = ("a red circle moving right", "a blue square moving up quickly",
                    "a green triangle moving left slowly", "a red circle moving down and a yellow square moving left")
+SOLID_VIEWS = "assets/generated/solidworld.png"
+SOLID_EXAMPLES = ("a red cube", "a small blue sphere", "a yellow cone on top of a large green cylinder",
+                  "a red sphere next to a blue cube")
 HANDWRITTEN = "_handwritten"
 SUMMARIES = "summaries"
 """``docs/_handwritten/summaries/<key>.md``: key idea, reported result and code of a catalogued method."""
@@ -547,28 +550,40 @@ def render(catalog: Catalog, docs_dir: Path) -> dict[str, bytes]:
             outputs[f"{CODE_DIR}/{source.name}"] = source.read_bytes()
     outputs[TIMELINE] = timeline_png(catalog)
     outputs[MOTION_STRIP] = motion_strip_png()
+    outputs[SOLID_VIEWS] = solid_views_png()
     return outputs
 
 
-def motion_strip_png(scale: int = 3, gap: int = 2) -> bytes:
-    """Ground-truth MotionWorld clips, one prompt per row (``MOTION_EXAMPLES``), frames left to right."""
+def _rows_png(media, scale: int = 3, gap: int = 2) -> bytes:  # noqa: ANN001 - (N, T, H, W, 3) uint8
+    """One sample per row, its frames or views left to right, on a grey canvas."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from reference_impls.worlds.motion import render_clips
-
-    clips = render_clips(MOTION_EXAMPLES, seed=0)
-    n, frames, side = clips.shape[0], clips.shape[1], clips.shape[2] * scale
+    n, frames, side = media.shape[0], media.shape[1], media.shape[2] * scale
     canvas = np.full((n * (side + gap) - gap, frames * (side + gap) - gap, 3), 200, dtype=np.uint8)
     for row in range(n):
         for frame in range(frames):
-            tile = clips[row, frame].repeat(scale, axis=0).repeat(scale, axis=1)
+            tile = media[row, frame].repeat(scale, axis=0).repeat(scale, axis=1)
             canvas[row * (side + gap):row * (side + gap) + side, frame * (side + gap):frame * (side + gap) + side] = tile
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def motion_strip_png(scale: int = 3, gap: int = 2) -> bytes:
+    """Ground-truth MotionWorld clips, one prompt per row (``MOTION_EXAMPLES``), frames left to right."""
+    from reference_impls.worlds.motion import render_clips
+
+    return _rows_png(render_clips(MOTION_EXAMPLES, seed=0), scale, gap)
+
+
+def solid_views_png(scale: int = 3, gap: int = 2) -> bytes:
+    """Ground-truth SolidWorld scenes, one prompt per row (``SOLID_EXAMPLES``), the four cameras left to right."""
+    from reference_impls.worlds.solid import render_views
+
+    return _rows_png(render_views(SOLID_EXAMPLES, seed=0), scale, gap)
 
 
 def generate(docs_dir: Path, catalog: Catalog | None = None) -> dict[str, list]:

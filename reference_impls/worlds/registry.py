@@ -3,7 +3,8 @@
 A world is a prompt grammar with splits, an exact evaluator and GenEval-style tasks. Models carry the
 name of the world they were pretrained on (``GenerativePolicy.world``); everything downstream looks the
 world up here instead of asking "is this ShapeWorld?". Modality lives in the world: ``image`` worlds
-score (N, H, W, 3) arrays, ``video`` worlds (N, F, H, W, 3) clips.
+score (N, H, W, 3) arrays, ``video`` worlds (N, F, H, W, 3) clips, ``multiview`` worlds (N, V, H, W, 3) views
+from fixed cameras (the same layout as clips, with views in place of frames).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class World:
     """One synthetic world's interface."""
 
     name: str
-    modality: Literal["image", "video"]
-    """What its samples are: images (B, 3, H, W) or clips (B, 3, F, H, W)."""
+    modality: Literal["image", "video", "multiview"]
+    """What its samples are: images (B, 3, H, W), clips (B, 3, F, H, W) or views (B, 3, V, H, W)."""
     splits: tuple[str, ...]
     """Named prompt splits (``heldout`` is never trained on)."""
     tasks: tuple[str, ...]
@@ -76,7 +77,18 @@ def _motion() -> World:
                  motion.evaluate_clips, motion.aggregate_motion, motion.MotionPromptError)
 
 
-_BUILDERS: dict[str, Callable[[], World]] = {"shapes": _shapes, "motion": _motion}
+def _solid() -> World:
+    from reference_impls.worlds import solid
+
+    def evaluate(views: np.ndarray, prompts: Sequence[str]) -> list[Any]:
+        return solid.evaluate_views(views, prompts)
+
+    return World("solid", "multiview", solid.SPLITS, solid.TASKS, solid.solid_prompt_split,
+                 lambda p: solid.parse_solid_prompt(p).text, lambda p: solid.as_solid_spec(p).task,
+                 evaluate, solid.aggregate_solid, solid.SolidPromptError)
+
+
+_BUILDERS: dict[str, Callable[[], World]] = {"shapes": _shapes, "motion": _motion, "solid": _solid}
 WORLD_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
