@@ -24,7 +24,8 @@ def tiny_policy(kind: str = "diffusion", seed: int = 0):  # noqa: ANN201
     return policy
 
 
-def run_smoke(method: str, reward: str, out: Path, model: str | None = None, **overrides: Any) -> list[dict]:
+def run_smoke(method: str, reward: str, out: Path, model: str | None = None, resume: bool = False,
+              **overrides: Any) -> list[dict]:
     """Run the method's smoke preset on a shipped model; returns metrics records."""
     cls = get_method(method)
     settings = {"preset": "smoke", "reward": reward, **overrides}
@@ -33,7 +34,8 @@ def run_smoke(method: str, reward: str, out: Path, model: str | None = None, **o
     config = build_config(cls.config_class, cls.presets, settings, cls.video_presets)
     torch.manual_seed(config.seed)
     policy = load_policy(config.model)
-    return train(cls(policy=policy, reward=get_reward(config.reward), config=config), out, progress=False)
+    return train(cls(policy=policy, reward=get_reward(config.reward), config=config), out, resume=resume,
+                 progress=False)
 
 
 def training_rewards(records: list[dict]) -> list[float]:

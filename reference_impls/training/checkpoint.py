@@ -41,7 +41,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(directory: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    extra_state: dict[str, Any]) -> Path:
+                    extra_state: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:06d}"
     partial = directory / f".step_{step:06d}.partial"
@@ -54,6 +54,8 @@ def save_checkpoint(directory: Path, step: int, module: torch.nn.Module, optimiz
         tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, str(partial / "optimizer.safetensors"))
         (partial / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
+    if extra_tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(partial / "extra.safetensors"))
     (partial / "state.json").write_text(json.dumps({"step": step, **extra_state}), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -85,3 +87,9 @@ def prune_checkpoints(directory: Path, keep: int = 2) -> None:
     folders = sorted(p for p in directory.glob("step_*") if p.is_dir())
     for old in folders[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint saved beside the weights (e.g. an EMA of them); empty if none."""
+    extra = path / "extra.safetensors"
+    return load_file(str(extra)) if extra.exists() else {}

@@ -66,6 +66,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the denoiser's block activations during backward instead of storing them (diffusers'
     enable_gradient_checkpointing): less memory for about a third more compute."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights, w_ema <- d w_ema + (1 - d) w after every
+    optimiser step (0 = off). The final model folder then holds the averaged weights."""
     mixed_precision: str = "no"
     """Denoiser forward passes under autocast: no, bf16 or fp16. Weights, optimiser state and the sampler's
     Gaussian arithmetic (means, stds, log-probs) stay fp32. fp16 has no loss scaling: prefer bf16."""
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 

@@ -34,6 +34,7 @@ from reference_impls.models.lora import has_lora, merged_state_dict
 from reference_impls.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_extra_tensors,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -137,6 +138,9 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, method.policy.denoiser, method.optimizer)
         method.load_state_dict(state.get("method", {}))
+        saved = load_extra_tensors(checkpoint)
+        for index, average in enumerate(method.ema):
+            average.copy_(saved[f"ema.{index}"])
         start_step, samples_seen = int(state["step"]), int(state.get("samples_seen", 0))
         if main:
             wall_offset = run.truncate_metrics(start_step)
@@ -180,7 +184,8 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
                 on_step(record)
             if checkpoint_now:
                 save_checkpoint(run.checkpoints, done, method.policy.denoiser, method.optimizer,
-                                {"samples_seen": samples_seen, "method": method.state_dict()})
+                                {"samples_seen": samples_seen, "method": method.state_dict()},
+                                {f"ema.{i}": average for i, average in enumerate(method.ema)})
                 prune_checkpoints(run.checkpoints)
                 last_good = done
             distributed.wait()
@@ -197,6 +202,8 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
         if bar is not None:
             bar.close()
     if main:
+        if method.ema:
+            method.use_ema_weights()
         _save_final(method, run)
     distributed.wait()
     return run.read_metrics()

@@ -96,6 +96,8 @@ class Method:
         self.policy.denoiser.train()
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
                                            weight_decay=1e-4)
+        self.ema: list[torch.Tensor] = ([p.detach().clone() for p in self.policy.trainable_parameters()]
+                                        if self.config.ema_decay > 0 else [])
 
     # -- helpers subclasses share ------------------------------------------------------------------
     def frozen_copy(self) -> GenerativePolicy:
@@ -137,7 +139,17 @@ class Method:
             raise NonFiniteLossError(f"gradient norm is {float(norm)}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            with torch.no_grad():
+                weights = [p.detach() for p in self.policy.trainable_parameters()]
+                torch._foreach_lerp_(self.ema, weights, 1.0 - self.config.ema_decay)
         return float(norm)
+
+    def use_ema_weights(self) -> None:
+        """Copy the moving average into the trained weights (the loop does this before writing ``final/``)."""
+        with torch.no_grad():
+            for parameter, average in zip(self.policy.trainable_parameters(), self.ema):
+                parameter.copy_(average)
 
     # -- interface ---------------------------------------------------------------------------------
     def train_step(self, ctx: StepContext) -> dict[str, float]:
