@@ -54,7 +54,7 @@ SCORE_SEED = 0
 
 def default_reward(cls, world: str = "shapes") -> str:  # noqa: ANN001
     if world == "motion":
-        return "motion-composition"
+        return "motion-learned" if cls.needs_differentiable_reward else "motion-composition"
     if cls.needs_differentiable_reward:
         return "shapes-learned" if "shapes-learned" in REWARDS else "prompt-colour"
     return "shapes-composition"
