@@ -77,6 +77,17 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models on a shared 2-core CPU run steadier that way."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

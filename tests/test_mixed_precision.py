@@ -16,12 +16,7 @@ SAMPLERS = {"flow": SamplerConfig("sde", num_steps=4), "diffusion": SamplerConfi
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red square"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

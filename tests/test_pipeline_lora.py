@@ -22,12 +22,7 @@ from reference_impls.training import build_config, train
 METHOD_BY_KIND = {"sd": "ddpo", "sd3": "flow-grpo"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

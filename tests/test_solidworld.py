@@ -20,12 +20,7 @@ from reference_impls.worlds.solid import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_grammar_canonical_text_and_errors() -> None:

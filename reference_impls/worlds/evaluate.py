@@ -379,3 +379,14 @@ def accuracy_by_criterion_and_task(evaluations: Sequence, criteria: Sequence[str
             present.append(out[f"task_{task}"])
     out["task_mean"] = float(np.mean(present))
     return out
+
+
+def aggregate_verdicts(evaluations: Sequence, criteria: Sequence[str], tasks: Sequence[str]) -> dict[str, float]:
+    """Accuracy, mean matched score, per-criterion and per-task accuracy, and the mean over tasks, of any
+    world whose verdicts carry ``correct``, ``score``, ``criteria`` and ``task``."""
+    if not evaluations:
+        raise ValueError("no evaluations to aggregate")
+    out = {"n": float(len(evaluations)), "accuracy": float(np.mean([e.correct for e in evaluations])),
+           "mean_score": float(np.mean([e.score for e in evaluations]))}
+    out.update(accuracy_by_criterion_and_task(evaluations, criteria, tasks))
+    return out

@@ -38,7 +38,7 @@ from functools import cache
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .evaluate import EXTRA_OBJECT_COST, DetectedObject, accuracy_by_criterion_and_task, detect_objects
+from .evaluate import EXTRA_OBJECT_COST, DetectedObject, aggregate_verdicts, detect_objects
 from .grammar import COLOURS, SHAPES
 from .render import BORDER, GAP, REFERENCE_SIZE, PlacedObject, draw
 
@@ -390,9 +390,4 @@ def evaluate_clips(clips: np.ndarray, prompts: Sequence[MotionSpec | str]) -> li
 
 def aggregate_motion(evaluations: Sequence[MotionEvaluation]) -> dict[str, float]:
     """Accuracy, mean matched score, per-criterion and per-task accuracy, and the mean over tasks."""
-    if not evaluations:
-        raise ValueError("no evaluations to aggregate")
-    out = {"n": float(len(evaluations)), "accuracy": float(np.mean([e.correct for e in evaluations])),
-           "mean_score": float(np.mean([e.score for e in evaluations]))}
-    out.update(accuracy_by_criterion_and_task(evaluations, CRITERIA, TASKS))
-    return out
+    return aggregate_verdicts(evaluations, CRITERIA, TASKS)

@@ -581,11 +581,6 @@ def evaluate_views(views: np.ndarray, prompts: Sequence[SolidSpec | str]) -> lis
 
 def aggregate_solid(evaluations: Sequence[SolidEvaluation]) -> dict[str, float]:
     """Accuracy, mean matched score, per-criterion and per-task accuracy, and the mean over tasks."""
-    from .evaluate import accuracy_by_criterion_and_task
+    from .evaluate import aggregate_verdicts
 
-    if not evaluations:
-        raise ValueError("no evaluations to aggregate")
-    out = {"n": float(len(evaluations)), "accuracy": float(np.mean([e.correct for e in evaluations])),
-           "mean_score": float(np.mean([e.score for e in evaluations]))}
-    out.update(accuracy_by_criterion_and_task(evaluations, CRITERIA, TASKS))
-    return out
+    return aggregate_verdicts(evaluations, CRITERIA, TASKS)
