@@ -39,15 +39,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                             stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every,
                             time_shift=args.time_shift, world=args.world, frames=args.frames,
                             inflate_from=args.inflate_from or f"shapes-{args.model}")
-    from reference_impls.worlds import prompt_split
+    from reference_impls.worlds.registry import get_world
 
-    if args.world == "motion":
-        from reference_impls.worlds.motion import motion_prompt_split as prompt_split  # noqa: F811
-
-        if not 2 <= args.frames <= 16:
-            raise UsageError(f"--frames {args.frames}: a motion model takes 2 to 16 frames")
-        if args.coordinate_channels:
-            raise UsageError("--coordinate-channels applies to --world shapes only")
+    prompt_split = get_world(args.world).prompt_split
+    if args.world == "motion" and not 2 <= args.frames <= 16:
+        raise UsageError(f"--frames {args.frames}: a motion model takes 2 to 16 frames")
+    if args.world != "shapes" and args.coordinate_channels:
+        raise UsageError("--coordinate-channels applies to --world shapes only")
 
     if args.time_shift <= 0 or (args.time_shift != 1.0 and args.model != "flow"):
         raise UsageError(f"--time-shift {args.time_shift}: must be > 0, and applies to --model flow only")
@@ -60,7 +58,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(f"--init-from {args.init_from}: no such checkpoint folder")
     command = "rlvg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlvg") else ""
     model_config = TinyModelConfig(coordinate_channels=args.coordinate_channels)
-    if args.world == "motion" and not args.init_from:  # the video model keeps the image model's sizes
+    if args.world != "shapes" and not args.init_from:  # a 5-D model keeps the image model's sizes
         from reference_impls.models.loading import ModelNotFoundError, resolve_model_dir
 
         try:
@@ -119,7 +117,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             prompt = world.canonical(prompt)
         except world.prompt_error as error:
             raise UsageError(str(error)) from None
-    video = len(policy.latent_shape) == 4
+    video = world is not None and world.modality == "video" or world is None and len(policy.latent_shape) == 4
     suffixes = (".gif",) if video else (".png",)
     if not args.out.lower().endswith(suffixes):
         kind = "an animated .gif (a frame-strip .png is written beside it)" if video else "a .png file"
@@ -377,7 +375,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models = ", ".join(SHIPPED_MODELS)
     p = subparsers.add_parser("pretrain", help="pretrain a tiny base model on a synthetic world (deterministic)")
     p.add_argument("--world", default="shapes",
-                   help="synthetic world: shapes (images) or motion (clips; the model starts from --inflate-from)")
+                   help="synthetic world: shapes (images), motion (clips) or solid (4 views); a motion or solid "
+                        "model starts from --inflate-from")
     p.add_argument("--frames", type=int, default=8, help="motion world: frames per clip")
     p.add_argument("--inflate-from", default=None,
                    help="motion world: the ShapeWorld model of the same kind to inflate (default: shapes-<model>)")

@@ -67,21 +67,38 @@ class PretrainConfig:
     """Write the weight average to the output folder (atomically) every this many steps, so a long run
     can be evaluated while it goes on and a killed run keeps its last snapshot."""
     world: str = "shapes"
-    """shapes (32x32 images) or motion (MotionWorld clips). A motion model starts from ``inflate_from``
-    (unless ``init_from`` continues a motion checkpoint) and trains on clips of ``frames`` frames."""
+    """shapes (32x32 images), motion (MotionWorld clips) or solid (SolidWorld's 4 views). A motion or solid
+    model starts from ``inflate_from`` (unless ``init_from`` continues one) and trains on clips of ``frames``
+    frames, or on the views of all four cameras."""
     inflate_from: str = "shapes-flow"
-    """Motion world: the ShapeWorld image model (shipped name or folder) whose weights the video model
-    starts from, per frame, with zero-initialised temporal layers."""
+    """Motion and solid worlds: the ShapeWorld image model (shipped name or folder) whose weights the 5-D
+    model starts from, per frame or view, with zero-initialised attention along the extra axis."""
     frames: int = 8
-    """Motion world: frames per training clip (and of the model's samples)."""
+    """Motion world: frames per training clip (and of the model's samples). The solid world ignores it:
+    its samples have one view per camera."""
 
 
-WORLDS = ("shapes", "motion")
+WORLDS = ("shapes", "motion", "solid")
+
+
+def _axis_length(config: PretrainConfig) -> int:
+    """Length of the extra sample axis of a 5-D world: frames of a clip, or SolidWorld's camera count."""
+    if config.world == "solid":
+        from reference_impls.worlds.solid import AZIMUTHS_DEG
+
+        return len(AZIMUTHS_DEG)
+    return config.frames
 
 
 def _render_batch(prompts: list[str], rng: np.random.Generator, world: str = "shapes",
                   frames: int = 8) -> torch.Tensor:
-    """Ground truth in [-1, 1]: (B, 3, H, W) images, or (B, 3, F, H, W) clips for the motion world."""
+    """Ground truth in [-1, 1]: (B, 3, H, W) images, (B, 3, F, H, W) clips for the motion world, or
+    (B, 3, V, H, W) views for the solid world (each scene laid out from a seed drawn from ``rng``)."""
+    if world == "solid":
+        from reference_impls.worlds.solid import render_views
+
+        views = render_views(prompts, seed=int(rng.integers(0, 2**31))).astype(np.float32) / 127.5 - 1.0
+        return torch.from_numpy(views).permute(0, 4, 1, 2, 3).contiguous()
     if world == "motion":
         from reference_impls.worlds.motion import render_clip
 
@@ -154,15 +171,17 @@ def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str) -> Non
 
 
 def _inflated_start(config: PretrainConfig, model_config: TinyModelConfig) -> GenerativePolicy:
-    """The motion model before training: ``inflate_from`` per frame, zero temporal layers, new words."""
+    """The motion or solid model before training: ``inflate_from`` per frame or view, zero attention along
+    that axis, new words."""
     from reference_impls.models.loading import load_policy
     from reference_impls.models.shapes_model import inflate_to_motion_policy
 
     image = load_policy(config.inflate_from)
     if image.world != "shapes" or image.kind != config.kind:
         raise ValueError(f"--inflate-from {config.inflate_from} is a {image.kind} model of world {image.world}; "
-                         f"a motion {config.kind} model inflates a shapes {config.kind} model")
-    return inflate_to_motion_policy(image, config.frames, model_config, seed=config.seed)
+                         f"a {config.world} {config.kind} model inflates a shapes {config.kind} model")
+    return inflate_to_motion_policy(image, _axis_length(config), model_config, seed=config.seed,
+                                    world=config.world)
 
 
 def _git_commit() -> str:
@@ -185,10 +204,10 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     split_prompts = prompt_split
-    if config.world == "motion":
-        from reference_impls.worlds.motion import motion_prompt_split
+    if config.world in ("motion", "solid"):
+        from reference_impls.worlds.registry import get_world
 
-        split_prompts = motion_prompt_split
+        split_prompts = get_world(config.world).prompt_split
         policy = _inflated_start(config, model_config)
     else:
         policy = build_shapes_policy(config.kind, model_config, seed=config.seed)

@@ -51,6 +51,20 @@ def motion_vocabulary() -> list[str]:
     return sorted(words | set(shapes_vocabulary()))
 
 
+def solid_vocabulary() -> list[str]:
+    """ShapeWorld's words and SolidWorld's (cube, sphere, cone, cylinder, on, top, of, next, to), sorted: the
+    multi-view model inflated from the image model keeps the colour and size words it knows."""
+    from reference_impls.worlds.solid import all_solid_prompts
+
+    words = {word for prompt in all_solid_prompts() for word in WordTokenizer(words=[]).split(prompt)}
+    return sorted(words | set(shapes_vocabulary()))
+
+
+AXIS_KEY = {"motion": "frames", "solid": "views"}
+"""The checkpoint metadata key of the extra axis of each world with 5-D samples (clips' frames, the views)."""
+VOCABULARIES = {"motion": motion_vocabulary, "solid": solid_vocabulary}
+
+
 class TextConditioner(torch.nn.Module):
     """Tokenizer + frozen-or-trainable CLIP text encoder -> cross-attention features."""
 
@@ -91,8 +105,10 @@ def _make_policy(
     config: TinyModelConfig,
     network: str = "native",
     frames: int | None = None,
+    world: str = "shapes",
 ) -> GenerativePolicy:
-    """``frames``: None for the ShapeWorld image model, else the clip length of a MotionWorld video model."""
+    """``frames``: None for the ShapeWorld image model, else the length of the extra axis of a 5-D world's
+    samples (MotionWorld's frames, SolidWorld's views)."""
     def raw_output(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if config.coordinate_channels:
             x = torch.cat([x, coordinate_maps(x)], dim=1)
@@ -123,7 +139,7 @@ def _make_policy(
         latent_shape=(3, config.image_size, config.image_size) if frames is None
         else (3, frames, config.image_size, config.image_size),
         text_encoder=conditioner,
-        world="shapes" if frames is None else "motion",
+        world=world,
     )
 
 
@@ -149,8 +165,8 @@ def save_shapes_policy(policy: GenerativePolicy, directory: str | Path, config: 
     policy.scheduler.save_pretrained(directory / "scheduler")
     meta = {"format": 1, "kind": policy.kind, "prediction": policy.prediction, "world": policy.world,
             "config": asdict(config)}
-    if policy.world == "motion":
-        meta["frames"] = int(policy.latent_shape[1])
+    if policy.world in AXIS_KEY:
+        meta[AXIS_KEY[policy.world]] = int(policy.latent_shape[1])
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
@@ -161,7 +177,8 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     config = TinyModelConfig(**raw)
     kind = meta["kind"]
-    frames = meta.get("frames") if meta.get("world") == "motion" else None
+    world = meta.get("world", "shapes")
+    frames = meta.get(AXIS_KEY[world]) if world in AXIS_KEY else None
     unet_class = UNet2DConditionModel if frames is None else InflatedVideoUNet
     unet = unet_class.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
@@ -169,7 +186,7 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler
     scheduler = scheduler_cls.from_pretrained(directory / "scheduler")
     policy = _make_policy(name or str(directory), kind, unet, TextConditioner(tokenizer, text_encoder),
-                          scheduler, config, network=meta.get("network", "native"), frames=frames)
+                          scheduler, config, network=meta.get("network", "native"), frames=frames, world=world)
     policy.text_encoder.requires_grad_(False)
     policy.text_encoder.eval()
     unet.eval()
@@ -206,18 +223,22 @@ def derive_vp_diffusion_from_flow(flow_dir: str | Path, out_dir: str | Path) -> 
 
 
 def inflate_to_motion_policy(image_policy: GenerativePolicy, frames: int, config: TinyModelConfig,
-                             seed: int = 0) -> GenerativePolicy:
-    """A MotionWorld video model that starts as ``image_policy`` applied to every frame.
+                             seed: int = 0, world: str = "motion") -> GenerativePolicy:
+    """A 5-D model (MotionWorld clips, or SolidWorld's views) that starts as ``image_policy`` applied to every
+    frame or view.
 
-    The denoiser is inflated with zero-initialised temporal attention (:mod:`video_model`); the tokenizer
-    gains MotionWorld's words, whose embeddings start random while every known word keeps its row.
+    The denoiser is inflated with zero-initialised attention along the extra axis (:mod:`video_model`):
+    over frames for a video model, across the four views for the multi-view model. The tokenizer gains
+    the world's words, whose embeddings start random while every known word keeps its row.
     """
+    if world not in VOCABULARIES:
+        raise ValueError(f"cannot inflate to world {world!r}; valid: {', '.join(VOCABULARIES)}")
     if image_policy.world != "shapes":
         raise ValueError(f"can only inflate a ShapeWorld image model, got world {image_policy.world!r}")
     torch.manual_seed(seed)
     old = image_policy.text_encoder
     assert isinstance(old, TextConditioner)
-    tokenizer = WordTokenizer(words=motion_vocabulary(), model_max_length=config.max_tokens)
+    tokenizer = WordTokenizer(words=VOCABULARIES[world](), model_max_length=config.max_tokens)
     text_encoder = build_text_encoder(config, tokenizer)
     state = {k: v for k, v in old.text_encoder.state_dict().items() if "token_embedding" not in k}
     text_encoder.load_state_dict(state, strict=False)
@@ -230,7 +251,8 @@ def inflate_to_motion_policy(image_policy: GenerativePolicy, frames: int, config
                 new_rows[index] = old_rows[old_index]
     unet = InflatedVideoUNet.inflate(image_policy.denoiser)
     policy = _make_policy(f"inflated-{image_policy.name}", image_policy.kind, unet,
-                          TextConditioner(tokenizer, text_encoder), image_policy.scheduler, config, frames=frames)
+                          TextConditioner(tokenizer, text_encoder), image_policy.scheduler, config, frames=frames,
+                          world=world)
     policy.text_encoder.requires_grad_(True)
     policy.text_encoder.train()
     return policy
