@@ -53,6 +53,9 @@ SCORE_SEED = 0
 
 
 def default_reward(cls, world: str = "shapes") -> str:  # noqa: ANN001
+    if world == "solid":  # a 3D method's own reward (Carve3D's consistency), else the exact composition
+        own = cls.config_class.__dataclass_fields__["reward"].default
+        return own if str(own).startswith("solid-") else "solid-composition"
     if world == "motion":
         return "motion-learned" if cls.needs_differentiable_reward else "motion-composition"
     if cls.needs_differentiable_reward:
@@ -101,9 +104,10 @@ def protocol(world: str, quick: bool) -> tuple[list[str], list[str], int]:
     """(held-out prompts, training prompts, draws per held-out prompt) of a world's comparison.
 
     Clips cost about nine images each (benchmarks/video_cost.py), so the video protocol draws each
-    held-out prompt once and scores the trained reward on 64 training prompts instead of 128.
+    held-out prompt once and scores the trained reward on 64 training prompts instead of 128; SolidWorld's
+    four views and its fitting evaluator cost about as much, and it does the same.
     """
-    video = world == "motion"
+    video = world in ("motion", "solid")
     heldout = comparison_prompts("heldout", 16 if quick else None, world=world)
     train_prompts = comparison_prompts("train", 8 if quick else TRAIN_PROMPTS // (2 if video else 1), world=world)
     return heldout, train_prompts, 1 if video else HELDOUT_DRAWS
@@ -155,6 +159,8 @@ def world_setup(name: str, world: str) -> tuple[dict, str]:
     model = _default_model(METHODS[name])
     if world == "shapes" or model_world(model) == world:
         return {}, name
+    if world == "solid":
+        return {"model": "solid-mv-flow"}, f"{name}@{world}"
     video_model = "motion-flow" if model.endswith("-flow") else "motion-diffusion"
     return {"model": video_model}, f"{name}@{world}"
 
@@ -196,7 +202,7 @@ def before_after_grid(name: str, base: str, trained: Path, out: Path) -> None:
     from reference_impls.evaluation import generate, save_grid
 
     world = model_world(base) or "shapes"
-    prompts = comparison_prompts("heldout", world=world)[::19][:GRID_PROMPTS // (2 if world == "motion" else 1)]
+    prompts = comparison_prompts("heldout", world=world)[::19][:GRID_PROMPTS // (2 if world in ("motion", "solid") else 1)]
     images = []
     for model in (base, trained):
         policy = load_policy(str(model))
@@ -260,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of the cpu preset (repeatable); the rows go to "
                              "benchmarks/results/method_variants.json, labelled with the change")
-    parser.add_argument("--world", choices=["shapes", "motion"], default="shapes",
-                        help="motion: train and score on the MotionWorld video model of the method's kind (rows "
-                             "keyed METHOD@motion unless the method is video-only)")
+    parser.add_argument("--world", choices=["shapes", "motion", "solid"], default="shapes",
+                        help="motion: train and score on the MotionWorld video model of the method's kind; solid: "
+                             "on the SolidWorld multi-view model (rows keyed METHOD@WORLD unless the method is "
+                             "made for that world)")
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]

@@ -350,6 +350,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "reward_mean_last": next((r["reward_mean"] for r in reversed(records) if "reward_mean" in r), None),
                "eval_accuracy_before": first.get("eval_accuracy"), "eval_accuracy_after": last.get("eval_accuracy"),
                "wall_s": records[-1]["wall_s"] if records else 0}
+    verdict_path = out / "final" / "verdict.json"
+    if verdict_path.exists():  # a per-prompt 3D method: its field's verdict and files instead of held-out accuracy
+        verdict = json.loads(verdict_path.read_text(encoding="utf-8"))
+        summary = {"out": str(out), "steps": summary["steps"], "prompt": verdict["prompt"],
+                   "score_before": records[0].get("eval_score") if records else None,
+                   "score_after": verdict["score"], "correct": verdict["correct"],
+                   "files": sorted(str(p) for p in (out / "final").iterdir()), "wall_s": summary["wall_s"]}
     print(json.dumps(summary, indent=2))
     return 0
 

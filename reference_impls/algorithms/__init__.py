@@ -12,7 +12,7 @@ import pkgutil
 
 from reference_impls.training.method import Method
 
-_SHARED_MODULES = {"estimators", "preferences"}
+_SHARED_MODULES = {"estimators", "preferences", "score_distillation"}
 
 
 def _discover() -> dict[str, type[Method]]:

@@ -29,6 +29,18 @@ Video rewards take clips (B, 3, F, H, W):
 * ``motion-learned``: a small 3D CNN trained to predict the exact evaluator's criteria from (clip, prompt)
   (``reference_impls/rewards/learned_motion.py``): the learned video reward VADER backpropagates through.
   Differentiable.
+
+Multi-view rewards take SolidWorld's views (B, 3, V, H, W):
+
+* ``solid-composition``: SolidWorld's exact matched score: requested objects matched one to one to the
+  primitives fitted to the views (colour, shape, size, cross-view consistency), the relation judged on the
+  fitted 3D layout, extra objects cost; 1 exactly when the views are correct.
+* ``solid-accuracy``: 1 if every criterion holds, else 0.
+* ``solid-consistency``: the multi-view reconstruction consistency in the spirit of Carve3D's MRC (Xie et
+  al., 2024), which fits a NeRF to the views, re-renders them and compares: here the evaluator fits one
+  primitive per colour to the views and re-renders it, and the reward is the silhouettes' IoU with the
+  re-rendering, averaged over the objects found, scaled down by every extra blob (an object that splits
+  in a view cannot be one solid), 0 when nothing is found. It reads no prompt.
 """
 
 from __future__ import annotations
@@ -55,17 +67,18 @@ class RewardFunction:
     description: str
     """One line for ``rlvg train --help`` and the docs."""
     world: str | None = None
-    """The synthetic world whose prompts it needs (``shapes``, ``motion``), or None for any prompt."""
+    """The synthetic world whose prompts it needs (``shapes``, ``motion``, ``solid``), or None for any prompt."""
     modality: str = "image"
-    """What it scores: ``image`` (B, 3, H, W), ``video`` clips (B, 3, F, H, W), or ``any`` of the two."""
+    """What it scores: ``image`` (B, 3, H, W), ``video`` clips (B, 3, F, H, W), ``multiview`` views
+    (B, 3, V, H, W), or ``any`` of them."""
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        expected = {"image": (4,), "video": (5,), "any": (4, 5)}[self.modality]
+        expected = {"image": (4,), "video": (5,), "multiview": (5,), "any": (4, 5)}[self.modality]
         if images.dim() not in expected or images.shape[1] != 3:
-            layout = {"image": "(B, 3, H, W)", "video": "(B, 3, F, H, W)",
+            layout = {"image": "(B, 3, H, W)", "video": "(B, 3, F, H, W)", "multiview": "(B, 3, V, H, W)",
                       "any": "(B, 3, H, W) or (B, 3, F, H, W)"}[self.modality]
-            raise ValueError(f"reward {self.name!r} scores {self.modality}s of shape {layout}, "
-                             f"got {tuple(images.shape)}")
+            noun = "views" if self.modality == "multiview" else f"{self.modality}s"
+            raise ValueError(f"reward {self.name!r} scores {noun} of shape {layout}, got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {len(prompts)} prompts for {images.shape[0]} images")
         if self.differentiable:
@@ -140,6 +153,39 @@ def motion_accuracy(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.tensor(correct, dtype=torch.float32, device=clips.device)
 
 
+def _solid_evaluations(views: torch.Tensor, prompts: list[str]):
+    from reference_impls.worlds.registry import to_uint8
+    from reference_impls.worlds.solid import evaluate_views
+
+    return evaluate_views(to_uint8(views), prompts)
+
+
+def solid_composition(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    scores = [e.score for e in _solid_evaluations(views, prompts)]
+    return torch.tensor(scores, dtype=torch.float32, device=views.device)
+
+
+def solid_accuracy(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    correct = [float(e.correct) for e in _solid_evaluations(views, prompts)]
+    return torch.tensor(correct, dtype=torch.float32, device=views.device)
+
+
+def reconstruction_consistency(objects) -> float:  # noqa: ANN001 - a sequence of FittedSolid
+    """Mean fitted IoU over the objects, divided by (1 + the extra blobs): 1 for views of one clean 3D layout."""
+    if not objects:
+        return 0.0
+    extra_blobs = sum(max(0, o.blobs - 1) for o in objects)
+    return float(np.mean([o.iou for o in objects])) / (1 + extra_blobs)
+
+
+def solid_consistency(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.worlds.registry import to_uint8
+    from reference_impls.worlds.solid import detect_solids
+
+    scores = [reconstruction_consistency(detect_solids(sample)) for sample in to_uint8(views)]
+    return torch.tensor(scores, dtype=torch.float32, device=views.device)
+
+
 PROMPT_COLOUR_WIDTH = 0.25
 """Width (RGB distance in [0,1] units) of the soft colour membership; palette colours are >= 0.76 apart."""
 
@@ -200,6 +246,16 @@ REWARDS: dict[str, RewardFunction] = {
         RewardFunction("motion-learned", motion_learned, True,
                        "differentiable: a small 3D CNN's prediction of the exact MotionWorld criteria",
                        world="motion", modality="video"),
+        RewardFunction("solid-composition", solid_composition, False,
+                       "exact SolidWorld evaluator on 4 views: matched primitives fitted to the views (colour, "
+                       "shape, size, cross-view consistency), relation on the fitted layout; 1 exactly when "
+                       "correct", world="solid", modality="multiview"),
+        RewardFunction("solid-accuracy", solid_accuracy, False,
+                       "exact SolidWorld evaluator on 4 views: 1 if all criteria hold, else 0", world="solid",
+                       modality="multiview"),
+        RewardFunction("solid-consistency", solid_consistency, False,
+                       "Carve3D-style reconstruction consistency: IoU of the views with the re-rendered fitted "
+                       "primitives, extra blobs cost; reads no prompt", world="solid", modality="multiview"),
     ]
 }
 

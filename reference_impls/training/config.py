@@ -178,8 +178,10 @@ def build_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[
 
 
 def model_modality(name_or_path: str) -> str | None:
-    """``video`` or ``image`` for a synthetic-world model (read from its folder, no weights loaded), else None."""
+    """``image``, ``video`` or ``multiview`` for a synthetic-world model (read from its folder, no weights
+    loaded), else None."""
     from reference_impls.models.loading import model_world
+    from reference_impls.worlds.registry import get_world
 
     world = model_world(name_or_path)
-    return None if world is None else ("video" if world == "motion" else "image")
+    return None if world is None else get_world(world).modality

@@ -91,6 +91,9 @@ class RunDirectory:
 
 
 def _evaluate(method: Method, run: RunDirectory, step: int, prompts: list[str]) -> dict[str, float]:
+    own = method.evaluate(run.samples, step)
+    if own is not None:
+        return own
     policy = method.policy
     was_training = policy.denoiser.training
     policy.denoiser.eval()
@@ -136,7 +139,7 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
     start_step, wall_offset, samples_seen = 0, 0.0, 0
     checkpoint = latest_checkpoint(run.checkpoints) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, method.policy.denoiser, method.optimizer)
+        state = load_checkpoint(checkpoint, method.trained_module(), method.optimizer)
         method.load_state_dict(state.get("method", {}))
         saved = load_extra_tensors(checkpoint)
         for index, average in enumerate(method.ema):
@@ -183,7 +186,7 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
             if on_step is not None:
                 on_step(record)
             if checkpoint_now:
-                save_checkpoint(run.checkpoints, done, method.policy.denoiser, method.optimizer,
+                save_checkpoint(run.checkpoints, done, method.trained_module(), method.optimizer,
                                 {"samples_seen": samples_seen, "method": method.state_dict()},
                                 {f"ema.{i}": average for i, average in enumerate(method.ema)})
                 prune_checkpoints(run.checkpoints)
@@ -210,7 +213,10 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
 
 
 def _save_final(method: Method, run: RunDirectory) -> None:
-    """The trained model as a folder ``rlvg eval``/``sample`` accept (ShapeWorld and MotionWorld models)."""
+    """The trained model as a folder ``rlvg eval``/``sample`` accept (ShapeWorld and MotionWorld models), or
+    the method's own outputs (a per-prompt 3D method's views, turntable and mesh)."""
+    if method.save_final(run.root):
+        return
     policy = method.policy
     if policy.world is None:
         _save_pipeline_final(method, run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -70,9 +71,12 @@ class Method:
                              f"{self.policy.name} is a {self.policy.kind} model")
         if self.reward.world is not None and self.policy.world != self.reward.world:
             from reference_impls.rewards import REWARDS
+            from reference_impls.worlds.registry import get_world
 
+            modality = (get_world(self.policy.world).modality if self.policy.world
+                        else "video" if len(self.policy.latent_shape) == 4 else "image")
             fitting = [n for n, r in REWARDS.items() if r.world in (None, self.policy.world)
-                       and r.modality == ("video" if len(self.policy.latent_shape) == 4 else "image")]
+                       and r.modality in (modality, "any")]
             raise ValueError(f"reward {self.reward.name!r} scores {self.reward.world} prompts and {self.policy.name} "
                              f"is a {self.policy.world or 'real-checkpoint'} model; rewards that fit it: "
                              f"{', '.join(fitting)}")
@@ -113,10 +117,10 @@ class Method:
         from reference_impls.worlds import PromptError, as_spec, sample_prompts
         from reference_impls.worlds.grammar import TASK_SPLIT_PREFIX
 
-        if self.policy.world == "motion":
+        if self.policy.world in ("motion", "solid"):
             from reference_impls.worlds.registry import get_world
 
-            world = get_world("motion")
+            world = get_world(self.policy.world)
             if self.config.prompts in ("train", "easy"):
                 return world.sample_prompts(n, self.config.prompts, rng)
             return [world.canonical(self.config.prompts)] * n
@@ -154,6 +158,22 @@ class Method:
     # -- interface ---------------------------------------------------------------------------------
     def train_step(self, ctx: StepContext) -> dict[str, float]:
         raise NotImplementedError
+
+    def trained_module(self) -> torch.nn.Module:
+        """What checkpoints hold: the denoiser; a per-prompt 3D method returns its 3D representation."""
+        return self.policy.denoiser
+
+    def evaluate(self, samples_dir: Path, step: int) -> dict[str, float] | None:
+        """The method's own evaluation at ``step`` (per-prompt 3D methods score their renders), or None
+        for the loop's: the generator on fixed held-out prompts."""
+        del samples_dir, step
+        return None
+
+    def save_final(self, root: Path) -> bool:
+        """Write the method's own final outputs under ``root`` and return True, or False for the loop's
+        (the fine-tuned generator in ``final/``)."""
+        del root
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {}

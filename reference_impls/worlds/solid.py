@@ -233,11 +233,18 @@ def layout_scene(spec: SolidSpec | str, rng: np.random.Generator) -> list[Placed
 def _cameras(size: int, offset: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Ray origins (V, H, W, 3) and directions (V, 3) of the orthographic cameras; ``offset`` moves the image
     content by (right, down) pixels (the evaluator's sub-pixel templates)."""
-    elevation = math.radians(ELEVATION_DEG)
+    return camera_rays(size, AZIMUTHS_DEG, offset=offset)
+
+
+def camera_rays(size: int, azimuths_deg: Sequence[float], elevation_deg: float = ELEVATION_DEG,
+                offset: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray origins (V, H, W, 3) and directions (V, 3) of orthographic cameras at any azimuths (a turntable
+    uses many), each framed like SolidWorld's: ``VIEW_SPAN`` wide around ``VIEW_CENTRE``."""
+    elevation = math.radians(elevation_deg)
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     v_coord, u_coord = torch.meshgrid(-coords * VIEW_SPAN, coords * VIEW_SPAN, indexing="ij")
     origins, directions = [], []
-    for azimuth in AZIMUTHS_DEG:
+    for azimuth in azimuths_deg:
         theta = math.radians(azimuth)
         towards_camera = torch.tensor([math.cos(elevation) * math.sin(theta), math.sin(elevation),
                                        math.cos(elevation) * math.cos(theta)], dtype=torch.float32)

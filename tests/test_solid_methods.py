@@ -1,0 +1,189 @@
+"""The multi-view generator and RL on it: model wiring, the SolidWorld rewards, Carve3D's loss and one update."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY
+
+from reference_impls.algorithms import get_method
+from reference_impls.algorithms.carve3d import chain_log_ratio, kl_regularised_reward, on_policy_loss
+from reference_impls.models import load_policy
+from reference_impls.models.pretrain import write_checkpoint_atomically
+from reference_impls.models.shapes_model import build_shapes_policy, inflate_to_motion_policy
+from reference_impls.rewards import get_reward
+from reference_impls.rewards.registry import reconstruction_consistency
+from reference_impls.training import build_config, train
+from reference_impls.worlds.solid import FittedSolid, render_views
+
+
+@pytest.fixture(scope="module")
+def tiny_solid(tmp_path_factory) -> Path:
+    """A tiny random multi-view flow model (4 views), saved as a checkpoint folder."""
+    image = build_shapes_policy("flow", TINY, seed=0)
+    views = inflate_to_motion_policy(image, 4, TINY, seed=0, world="solid")
+    folder = tmp_path_factory.mktemp("solid") / "mv"
+    write_checkpoint_atomically(views, folder, TINY, {"note": "tiny random"})
+    return folder
+
+
+def test_inflated_multiview_model_starts_as_the_image_model_per_view(tiny_solid: Path) -> None:
+    image = build_shapes_policy("flow", TINY, seed=0)
+    views = load_policy(tiny_solid)
+    assert views.world == "solid" and views.latent_shape == (3, 4, 32, 32)
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompt = ["a red square"]  # words both vocabularies share, so both encoders see the same ids
+    with torch.no_grad():
+        out = views.predict(x, torch.tensor([500.0, 500.0]), views.encode_text(prompt * 2))
+        per_view = image.predict(x[:, :, 1], torch.tensor([500.0, 500.0]), image.encode_text(prompt * 2))
+    # Cross-view attention starts at zero: view 1 of the multi-view output is the image model's output.
+    torch.testing.assert_close(out[:, :, 1], per_view, atol=1e-5, rtol=1e-4)
+
+
+def test_solid_rewards_score_ground_truth_views_as_correct() -> None:
+    prompts = ["a red cube on top of a blue cylinder", "a small green sphere"]
+    views = torch.from_numpy(render_views(prompts, seed=3)).permute(0, 4, 1, 2, 3).float() / 255
+    assert get_reward("solid-composition").fn(views, prompts).tolist() == [1.0, 1.0]
+    assert get_reward("solid-accuracy").fn(views, prompts).tolist() == [1.0, 1.0]
+    consistency = get_reward("solid-consistency").fn(views, prompts)
+    assert bool((consistency > 0.8).all())
+    # Swapping the prompts makes composition fail; consistency reads no prompt and does not change.
+    swapped = list(reversed(prompts))
+    assert get_reward("solid-composition").fn(views, swapped).max() < 1.0
+    torch.testing.assert_close(get_reward("solid-consistency").fn(views, swapped), consistency)
+
+
+def test_reconstruction_consistency_by_hand() -> None:
+    def solid(iou: float, blobs: int) -> FittedSolid:
+        return FittedSolid("red", "cube", "medium", 0.0, 0.0, 0.0, iou, 4, blobs)
+
+    assert reconstruction_consistency([]) == 0.0
+    assert reconstruction_consistency([solid(0.9, 1), solid(0.7, 1)]) == pytest.approx(0.8)
+    # One object split into 3 blobs in some view: 2 extra blobs divide the mean IoU by 3.
+    assert reconstruction_consistency([solid(0.9, 3)]) == pytest.approx(0.3)
+
+
+def test_kl_folded_reward_and_on_policy_loss_by_hand() -> None:
+    policy = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    reference = torch.tensor([[-1.5, -2.0], [-0.5, -1.5]])
+    log_ratio = chain_log_ratio(policy, reference)
+    torch.testing.assert_close(log_ratio, torch.tensor([0.5, 1.0]))
+    shaped = kl_regularised_reward(torch.tensor([1.0, 1.0]), log_ratio, kl_coef=0.2)
+    torch.testing.assert_close(shaped, torch.tensor([0.9, 0.8]))
+    # -mean(A_i log p_it) = -(1 * (-1 - 2) + (-1) * (-0.5 - 0.5)) / 4 = -(-3 + 1) / 4 = 0.5
+    assert float(on_policy_loss(policy, torch.tensor([1.0, -1.0]))) == pytest.approx(0.5)
+
+
+def test_carve3d_update_is_on_policy_and_rejects_image_models(tiny_solid: Path, tmp_path: Path) -> None:
+    cls = get_method("carve3d")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(tiny_solid), "steps": 2, "batch_size": 4, "samples_per_prompt": 2,
+        "num_steps": 3, "eval_prompts": 2, "checkpoint_every": 2, "min_step_std": 0.0}, cls.video_presets)
+    torch.manual_seed(0)
+    policy = load_policy(config.model)
+    records = train(cls(policy=policy, reward=get_reward(config.reward), config=config), tmp_path / "run",
+                    progress=False)
+    steps = [r for r in records if "ratio_mean" in r]
+    assert len(steps) == 2
+    # The first update evaluates the samples under the weights that drew them: ratio exactly 1, and the
+    # policy is the base model, so the KL estimate is exactly 0.
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert steps[0]["kl_estimate"] == pytest.approx(0.0, abs=1e-5)
+    assert all(math.isfinite(r["reward_mean"]) for r in steps)
+    assert np.isfinite(steps[1]["kl_estimate"])
+    image_config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": "shapes-flow"})
+    with pytest.raises(ValueError, match="multi-view generator"):
+        cls(policy=load_policy("shapes-flow"), reward=get_reward("jpeg-compressibility"), config=image_config)
+
+
+def test_voxel_field_fits_ground_truth_views_and_exports_a_mesh(tmp_path: Path) -> None:
+    """The renderer is differentiable enough to carve views into a field the evaluator accepts."""
+    import trimesh
+
+    from reference_impls.models.voxel_field import VoxelField, VoxelFieldConfig
+    from reference_impls.worlds.registry import to_uint8
+    from reference_impls.worlds.solid import evaluate_views
+
+    prompt = "a large green cube"
+    truth = torch.from_numpy(render_views([prompt], seed=1)[0]).permute(0, 3, 1, 2).float() / 255
+    torch.manual_seed(0)
+    field = VoxelField(VoxelFieldConfig(samples_per_ray=64))
+    optimiser = torch.optim.Adam(field.parameters(), lr=0.1)
+    first = None
+    for _ in range(60):
+        loss = ((field.render() - truth) ** 2).mean()
+        first = first if first is not None else float(loss.detach())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(loss.detach()) < 0.1 * first
+    with torch.no_grad():
+        verdict = evaluate_views(to_uint8(field.render().permute(1, 0, 2, 3)[None]), [prompt])[0]
+    # 60 steps carve one consistent green object (its corners are still soft: the shape is not asserted).
+    assert verdict.criteria["count"] and verdict.criteria["consistency"]
+    assert [obj.colour for obj in verdict.objects] == ["green"]
+    counts = field.mesh(tmp_path / "cube.ply")
+    mesh = trimesh.load(tmp_path / "cube.ply")
+    assert len(mesh.faces) == counts["faces"] > 100
+    # The surface sits where the cube stands: on the ground, about 0.5 units either side of the centre.
+    assert mesh.bounds[0][1] < 0.2 and 0.7 < mesh.bounds[1][1] < 1.4
+    field.turntable(tmp_path / "turn.gif", frames=4, size=16)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "turn.gif").n_frames == 4
+
+
+def test_dreamdpo_direction_by_hand() -> None:
+    from reference_impls.algorithms.dreamdpo import preference_direction
+
+    x = torch.tensor([[1.0, 0.0]])
+    first, second = torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, -1.0]])
+    # The second wins by 0.5 >= tau: (x - x0_w) - (x - x0_l) = x0_l - x0_w = first - second.
+    direction, pair = preference_direction(x, first, second, torch.tensor([0.25, 0.75]), threshold=0.1)
+    assert pair
+    torch.testing.assert_close(direction, torch.tensor([[-1.5, 1.5]]))
+    # A gap under tau: SDS towards the winner only, x - x0_w.
+    direction, pair = preference_direction(x, first, second, torch.tensor([0.70, 0.75]), threshold=0.1)
+    assert not pair
+    torch.testing.assert_close(direction, torch.tensor([[-1.0, 1.0]]))
+    # The loss the field minimises has exactly this gradient in x.
+    from reference_impls.algorithms.score_distillation import gradient_as_loss
+
+    x = x.clone().requires_grad_(True)
+    gradient_as_loss(x, direction).backward()
+    torch.testing.assert_close(x.grad, direction)
+
+
+def test_dreamdpo_run_resumes_exactly_and_writes_its_outputs(tiny_solid: Path, tmp_path: Path) -> None:
+    cls = get_method("dreamdpo")
+
+    def run(out: Path, steps: int, resume: bool = False) -> list[dict]:
+        config = build_config(cls.config_class, cls.presets, {
+            "preset": "smoke", "model": str(tiny_solid), "steps": steps, "eval_every": 2, "checkpoint_every": 2,
+            "samples_per_ray": 32, "prompts": "a red cube"})
+        return train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), out,
+                     resume=resume, progress=False)
+
+    straight = run(tmp_path / "a", 4)
+    # A run killed after its step-2 checkpoint: the same run with step 4's checkpoint and outputs gone.
+    run(tmp_path / "b", 4)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000004")
+    shutil.rmtree(tmp_path / "b" / "final")
+    (checkpoints / "latest").write_text("step_000002", encoding="utf-8")
+    resumed = run(tmp_path / "b", 4, resume=True)
+    drop = ("wall_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in straight]
+    final = tmp_path / "a" / "final"
+    for name in ("views.png", "turntable.gif", "verdict.json", "field.safetensors"):
+        assert (final / name).exists(), name
+    with pytest.raises(ValueError, match="one SolidWorld prompt"):
+        config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(tiny_solid),
+                                                               "prompts": "a red circle"})
+        cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config)
