@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from reference_impls.algorithms import get_method
 from reference_impls.models import load_policy

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from reference_impls.worlds import solid
 from reference_impls.worlds.registry import get_world
@@ -18,7 +17,6 @@ from reference_impls.worlds.solid import (
     render_scenes,
     render_views,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

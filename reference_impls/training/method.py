@@ -15,7 +15,6 @@ from reference_impls.rewards import RewardFunction
 from reference_impls.training.config import TrainConfig
 from reference_impls.training.distributed import SINGLE_PROCESS, Distributed
 
-
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
