@@ -553,7 +553,8 @@ def score_solids(found: Sequence[FittedSolid], spec: SolidSpec | str) -> SolidEv
     gain = np.where(credit > 0, credit + EXTRA_OBJECT_COST, 0.0)
     rows, cols = linear_sum_assignment(gain, maximize=True)
     matched = {int(r): int(c) for r, c in zip(rows, cols) if gain[r, c] > 0}
-    extras = sum(d.blobs for d in found) - len(matched)
+    # Every detected colour is at least one object, even when all its specks fall under the blob size.
+    extras = sum(max(1, d.blobs) for d in found) - len(matched)
     relation = True
     if spec.relation is not None:
         relation = 0 in matched and 1 in matched and relation_holds(spec.relation, found[matched[0]],
