@@ -49,7 +49,7 @@ class FieldConfig(TrainConfig):
     """The one prompt this field is optimised for (a SolidWorld prompt in quotes)."""
     steps: int = 300
     """Optimiser steps on the field (one render and one or two generator queries each)."""
-    learning_rate: float = 0.05
+    learning_rate: float = 0.1
     """Adam learning rate on the field's density and colour parameters."""
     guidance_scale: float = 7.5
     """Classifier-free guidance of the generator's velocity (DreamDPO's 7.5)."""

@@ -51,7 +51,7 @@ class VoxelFieldConfig:
     """Points composited along each ray through the box."""
     initial_density: float = -4.0
     """Density parameter everywhere at the start (softplus(-4) = 0.018: nearly empty)."""
-    blob_density: float = 4.0
+    blob_density: float = 8.0
     """Extra density at the box's ground centre, fading with distance (DreamFusion's initial blob), so
     that the first renders show something for the generator to shape."""
     blob_radius: float = 0.5
