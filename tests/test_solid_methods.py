@@ -187,3 +187,49 @@ def test_dreamdpo_run_resumes_exactly_and_writes_its_outputs(tiny_solid: Path, t
         config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(tiny_solid),
                                                                "prompts": "a red circle"})
         cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config)
+
+
+def test_paired_benchmarks_put_methods_on_the_solid_world() -> None:
+    from benchmarks.field_table import fixed_prompts
+    from benchmarks.method_table import default_reward, world_setup
+
+    assert default_reward(get_method("carve3d"), "solid") == "solid-consistency"  # the method's own MRC reward
+    assert default_reward(get_method("flow-grpo"), "solid") == "solid-composition"
+    assert world_setup("flow-grpo", "solid") == ({"model": "solid-mv-flow"}, "flow-grpo@solid")
+    assert world_setup("carve3d", "solid") == ({}, "carve3d")  # made for SolidWorld: its rows keep its name
+    prompts = fixed_prompts(2)
+    assert len(prompts) == 6 and prompts == fixed_prompts(2)  # 2 per task, the same every call
+
+
+def test_stability_on_fitted_layouts_by_hand() -> None:
+    from reference_impls.worlds.solid import scene_stands, stands
+
+    def solid(shape: str, x: float, y0: float, z: float = 0.0, size: str = "medium") -> FittedSolid:
+        return FittedSolid("red", shape, size, x, y0, z, 0.9, 4, 1)
+
+    base = solid("cube", 0.0, 0.0)  # medium: half extent 0.4, top at 0.8
+    assert stands(base, [base])
+    assert stands(solid("sphere", 0.3, 0.8), [base])          # centre over the top face
+    assert not stands(solid("sphere", 0.5, 0.8), [base])      # centre beyond the edge: tips over
+    assert not stands(solid("sphere", 0.0, 1.4), [base])      # floating above it
+    cone = solid("cone", 0.0, 0.0)
+    assert not stands(solid("cube", 0.0, 0.8), [cone])        # a cone carries nothing
+    assert not scene_stands([])
+    assert scene_stands([base, solid("sphere", 0.1, 0.8)])
+    # Ground-truth stacked scenes stand; the reward reads no prompt.
+    prompts = ["a red sphere on top of a blue cylinder", "a small green cone on top of a large yellow cube"]
+    views = torch.from_numpy(render_views(prompts, seed=5)).permute(0, 4, 1, 2, 3).float() / 255
+    assert get_reward("solid-stability").fn(views, prompts).tolist() == [1.0, 1.0]
+
+
+def test_dro_loss_by_hand_and_dso_needs_a_multiview_model(tiny_solid: Path, tmp_path: Path) -> None:
+    from reference_impls.algorithms.dso import dro_loss
+
+    loss, stats = dro_loss(torch.tensor([0.2, 0.4]), torch.tensor([0.5, 0.3]))
+    assert float(loss) == pytest.approx(0.5 * ((0.2 - 0.5) + (0.4 - 0.3)) / 2)
+    assert stats.implicit_acc == 0.5
+    cls = get_method("dso")
+    config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": "shapes-flow",
+                                                           "reward": "shapes-composition"})
+    with pytest.raises(ValueError, match="multi-view generator"):
+        cls(policy=load_policy("shapes-flow"), reward=get_reward("shapes-composition"), config=config)

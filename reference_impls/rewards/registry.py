@@ -41,6 +41,9 @@ Multi-view rewards take SolidWorld's views (B, 3, V, H, W):
   primitive per colour to the views and re-renders it, and the reward is the silhouettes' IoU with the
   re-rendering, averaged over the objects found, scaled down by every extra blob (an object that splits
   in a view cannot be one solid), 0 when nothing is found. It reads no prompt.
+* ``solid-stability``: DSO's physical feedback (Li et al., 2025) on the fitted layout: 1 if every object
+  stands (on the ground, or centred on the flat top of a cube or cylinder), else 0. It reads no prompt,
+  so a model can satisfy it by ignoring "on top of"; it is reported beside accuracy, never instead of it.
 """
 
 from __future__ import annotations
@@ -186,6 +189,14 @@ def solid_consistency(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32, device=views.device)
 
 
+def solid_stability(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.worlds.registry import to_uint8
+    from reference_impls.worlds.solid import detect_solids, scene_stands
+
+    stable = [float(scene_stands(detect_solids(sample))) for sample in to_uint8(views)]
+    return torch.tensor(stable, dtype=torch.float32, device=views.device)
+
+
 PROMPT_COLOUR_WIDTH = 0.25
 """Width (RGB distance in [0,1] units) of the soft colour membership; palette colours are >= 0.76 apart."""
 
@@ -256,6 +267,9 @@ REWARDS: dict[str, RewardFunction] = {
         RewardFunction("solid-consistency", solid_consistency, False,
                        "Carve3D-style reconstruction consistency: IoU of the views with the re-rendered fitted "
                        "primitives, extra blobs cost; reads no prompt", world="solid", modality="multiview"),
+        RewardFunction("solid-stability", solid_stability, False,
+                       "DSO-style physical feedback: 1 if every fitted object stands (ground, or centred on a "
+                       "cube's or cylinder's top), else 0; reads no prompt", world="solid", modality="multiview"),
     ]
 }
 

@@ -524,6 +524,34 @@ def relation_holds(relation: str, upper: FittedSolid, lower: FittedSolid) -> boo
             and apart <= upper.radius + lower.radius + 1.0)
 
 
+GROUND_TOLERANCE = 0.15
+"""A fitted object whose base is this close to the ground stands on it."""
+
+
+def stands(obj: FittedSolid, others: Sequence[FittedSolid]) -> bool:
+    """Physical support on the fitted layout: on the ground, or resting on the flat top of a cube or a
+    cylinder with its centre over that top (a centre outside the face tips over; a sphere or cone carries
+    nothing; anything else floats)."""
+    if obj.y0 <= GROUND_TOLERANCE:
+        return True
+    for support in others:
+        if support is obj or support.shape not in SUPPORTS:
+            continue
+        if abs(obj.y0 - (support.y0 + 2 * support.radius)) > 0.2:
+            continue
+        dx, dz = obj.x - support.x, obj.z - support.z
+        inside = (max(abs(dx), abs(dz)) <= support.radius if support.shape == "cube"
+                  else math.hypot(dx, dz) <= support.radius)
+        if inside:
+            return True
+    return False
+
+
+def scene_stands(objects: Sequence[FittedSolid]) -> bool:
+    """DSO's physical feedback on SolidWorld: something was generated and every object of it stands."""
+    return bool(objects) and all(stands(obj, objects) for obj in objects)
+
+
 @dataclass(frozen=True)
 class SolidEvaluation:
     """Verdict on one sample's views for one prompt (the same fields as ShapeWorld's ``Evaluation``)."""
