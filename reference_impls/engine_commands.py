@@ -169,7 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     world = _world_of(policy)
     if world is None:
         raise UsageError(f"{args.model} was not pretrained on a synthetic world: rlvg eval needs an exact "
-                         "evaluator (ShapeWorld or MotionWorld models)")
+                         "evaluator (ShapeWorld, MotionWorld or SolidWorld models)")
     if args.split not in world.splits:
         raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(world.splits)}")
     sampler = default_eval_sampler(policy, args.steps, args.guidance_scale)
@@ -215,7 +215,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for name, policy in [(args.base, base), *zip(args.model, models)]:
         if world is None or policy.world != world.name:
             raise UsageError(f"{name} is a model of world {policy.world!r} and {args.base} of {base.world!r}: "
-                             "a paired comparison needs two models of one synthetic world (shapes or motion)")
+                             "a paired comparison needs two models of one synthetic world (shapes, motion or solid)")
         if policy.kind != base.kind:
             raise UsageError(f"{name} is a {policy.kind} model and {args.base} a {base.kind} model: "
                              "a paired comparison needs the same sampler for both")
@@ -416,7 +416,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sample", help="sample a grid of images (or a GIF of clips) for one prompt")
     p.add_argument("--model", required=True, help=f"shipped name ({models}) or local folder")
     p.add_argument("--prompt", required=True,
-                   help="prompt (the ShapeWorld or MotionWorld grammar for the tiny models, any text otherwise)")
+                   help="prompt (the ShapeWorld, MotionWorld or SolidWorld grammar for the tiny models, any text otherwise)")
     p.add_argument("--n", type=int, default=16, help="number of images (clips for a video model)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "sde", "ode"], default=None,
                    help="ddim/ddpm for diffusion models, sde/ode for flow models (default: ddim or ode)")

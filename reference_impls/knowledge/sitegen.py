@@ -34,6 +34,7 @@ MOTION_STRIP = "assets/generated/motionworld.png"
 MOTION_EXAMPLES = ("a red circle moving right", "a blue square moving up quickly",
                    "a green triangle moving left slowly", "a red circle moving down and a yellow square moving left")
 SOLID_VIEWS = "assets/generated/solidworld.png"
+SOLID_MODEL_VIEWS = "assets/generated/solid-mv-flow.png"
 SOLID_EXAMPLES = ("a red cube", "a small blue sphere", "a yellow cone on top of a large green cylinder",
                   "a red sphere next to a blue cube")
 HANDWRITTEN = "_handwritten"
@@ -551,6 +552,7 @@ def render(catalog: Catalog, docs_dir: Path) -> dict[str, bytes]:
     outputs[TIMELINE] = timeline_png(catalog)
     outputs[MOTION_STRIP] = motion_strip_png()
     outputs[SOLID_VIEWS] = solid_views_png()
+    outputs[SOLID_MODEL_VIEWS] = solid_model_views_png()
     return outputs
 
 
@@ -584,6 +586,20 @@ def solid_views_png(scale: int = 3, gap: int = 2) -> bytes:
     from reference_impls.worlds.solid import render_views
 
     return _rows_png(render_views(SOLID_EXAMPLES, seed=0), scale, gap)
+
+
+def solid_model_views_png(scale: int = 3, gap: int = 2) -> bytes:
+    """``solid-mv-flow``'s samples of ``SOLID_EXAMPLES`` (seed 0, 20 ODE steps), laid out like the ground truth."""
+    import torch
+
+    from reference_impls.evaluation import default_eval_sampler, generate
+    from reference_impls.models import load_policy
+    from reference_impls.worlds.registry import to_uint8
+
+    policy = load_policy("solid-mv-flow")
+    with torch.no_grad():
+        views = generate(policy, list(SOLID_EXAMPLES), default_eval_sampler(policy, 20), seed=0)
+    return _rows_png(to_uint8(views), scale, gap)
 
 
 def generate(docs_dir: Path, catalog: Catalog | None = None) -> dict[str, list]:
