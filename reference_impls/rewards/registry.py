@@ -52,6 +52,7 @@ import difflib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,65 +113,26 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def _shapes_evaluations(images: torch.Tensor, prompts: list[str]):
-    from reference_impls.worlds import evaluate_batch
+def exact_verdicts(world: str, media: torch.Tensor, prompts: list[str]) -> list:
+    """The world's exact evaluator on media in [0, 1]: images, clips or views (one verdict per sample)."""
+    from reference_impls.worlds.registry import get_world, to_uint8
 
-    return evaluate_batch(_to_uint8_hwc(images), prompts)
-
-
-def shapes_composition(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    scores = [e.score for e in _shapes_evaluations(images, prompts)]
-    return torch.tensor(scores, dtype=torch.float32, device=images.device)
+    return get_world(world).evaluate(to_uint8(media), prompts)
 
 
-def shapes_criteria(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    scores = [e.criteria_score for e in _shapes_evaluations(images, prompts)]
-    return torch.tensor(scores, dtype=torch.float32, device=images.device)
+def verdict_reward(world: str, value: Callable[[Any], float]) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """A reward that reads one number off each exact verdict (the matched score, correctness, ...)."""
+    def reward(media: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        values = [float(value(verdict)) for verdict in exact_verdicts(world, media, prompts)]
+        return torch.tensor(values, dtype=torch.float32, device=media.device)
 
-
-def shapes_accuracy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    correct = [float(e.correct) for e in _shapes_evaluations(images, prompts)]
-    return torch.tensor(correct, dtype=torch.float32, device=images.device)
-
-
-def _motion_evaluations(clips: torch.Tensor, prompts: list[str]):
-    from reference_impls.worlds.motion import evaluate_clips
-    from reference_impls.worlds.registry import to_uint8
-
-    return evaluate_clips(to_uint8(clips), prompts)
-
-
-def motion_composition(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    scores = [e.score for e in _motion_evaluations(clips, prompts)]
-    return torch.tensor(scores, dtype=torch.float32, device=clips.device)
+    return reward
 
 
 def motion_learned(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from reference_impls.rewards.learned_motion import learned_motion_reward
 
     return learned_motion_reward(clips, prompts)
-
-
-def motion_accuracy(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    correct = [float(e.correct) for e in _motion_evaluations(clips, prompts)]
-    return torch.tensor(correct, dtype=torch.float32, device=clips.device)
-
-
-def _solid_evaluations(views: torch.Tensor, prompts: list[str]):
-    from reference_impls.worlds.registry import to_uint8
-    from reference_impls.worlds.solid import evaluate_views
-
-    return evaluate_views(to_uint8(views), prompts)
-
-
-def solid_composition(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    scores = [e.score for e in _solid_evaluations(views, prompts)]
-    return torch.tensor(scores, dtype=torch.float32, device=views.device)
-
-
-def solid_accuracy(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    correct = [float(e.correct) for e in _solid_evaluations(views, prompts)]
-    return torch.tensor(correct, dtype=torch.float32, device=views.device)
 
 
 def reconstruction_consistency(objects) -> float:  # noqa: ANN001 - a sequence of FittedSolid
@@ -235,33 +197,33 @@ REWARDS: dict[str, RewardFunction] = {
                        modality="any"),
         RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
                        "the JPEG size in kB (quality 95), as in DDPO; clips: mean over frames", modality="any"),
-        RewardFunction("shapes-composition", shapes_composition, False,
+        RewardFunction("shapes-composition", verdict_reward("shapes", lambda e: e.score), False,
                        "exact ShapeWorld evaluator: matched objects with partial credit, extra objects cost; "
                        "1 exactly when correct", world="shapes"),
-        RewardFunction("shapes-criteria", shapes_criteria, False,
+        RewardFunction("shapes-criteria", verdict_reward("shapes", lambda e: e.criteria_score), False,
                        "gameable on purpose: fraction of prompt criteria satisfied (extra objects pay)",
                        world="shapes"),
-        RewardFunction("shapes-accuracy", shapes_accuracy, False,
+        RewardFunction("shapes-accuracy", verdict_reward("shapes", lambda e: e.correct), False,
                        "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
         RewardFunction("prompt-colour", prompt_colour, True,
                        "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
         RewardFunction("shapes-learned", shapes_learned, True,
                        "differentiable: a small CNN's prediction of the exact evaluator's score", world="shapes"),
-        RewardFunction("motion-composition", motion_composition, False,
+        RewardFunction("motion-composition", verdict_reward("motion", lambda e: e.score), False,
                        "exact MotionWorld evaluator on clips: matched moving objects (colour, shape, direction, "
                        "speed), extra or broken tracks cost; 1 exactly when correct", world="motion",
                        modality="video"),
-        RewardFunction("motion-accuracy", motion_accuracy, False,
+        RewardFunction("motion-accuracy", verdict_reward("motion", lambda e: e.correct), False,
                        "exact MotionWorld evaluator on clips: 1 if all criteria hold, else 0", world="motion",
                        modality="video"),
         RewardFunction("motion-learned", motion_learned, True,
                        "differentiable: a small 3D CNN's prediction of the exact MotionWorld criteria",
                        world="motion", modality="video"),
-        RewardFunction("solid-composition", solid_composition, False,
+        RewardFunction("solid-composition", verdict_reward("solid", lambda e: e.score), False,
                        "exact SolidWorld evaluator on 4 views: matched primitives fitted to the views (colour, "
                        "shape, size, cross-view consistency), relation on the fitted layout; 1 exactly when "
                        "correct", world="solid", modality="multiview"),
-        RewardFunction("solid-accuracy", solid_accuracy, False,
+        RewardFunction("solid-accuracy", verdict_reward("solid", lambda e: e.correct), False,
                        "exact SolidWorld evaluator on 4 views: 1 if all criteria hold, else 0", world="solid",
                        modality="multiview"),
         RewardFunction("solid-consistency", solid_consistency, False,
