@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from reference_impls.algorithms.diffusion_dpo import DPOStats, denoising_errors, noised
+from reference_impls.algorithms.flow_dpo import PRESETS as FLOW_DPO_PRESETS
 from reference_impls.algorithms.flow_dpo import FlowDPO, FlowDPOConfig, flow_noise_levels
 from reference_impls.models.policy import Conditioning
 from reference_impls.training.method import StepContext
@@ -58,14 +59,8 @@ class DSOConfig(FlowDPOConfig):
             raise ValueError(f"--objective {self.objective!r}; valid: dpo, dro")
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=4, batch_size=8, num_pairs=16, bank_steps=8, num_steps=8, learning_rate=1e-4,
-                  eval_every=0, eval_prompts=4, checkpoint_every=2, monitor_samples=4),
-    "cpu": dict(steps=40, batch_size=16, num_pairs=192, bank_steps=10, num_steps=10, learning_rate=3e-5,
-                eval_every=20, eval_prompts=48, checkpoint_every=20, monitor_samples=8),
-    "gpu": dict(steps=500, batch_size=32, num_pairs=4096, bank_steps=30, num_steps=30, learning_rate=1e-5,
-                eval_every=50, eval_prompts=256, checkpoint_every=50),
-}
+# A multi-view sample costs about what a clip does: Flow-DPO's video budgets, on SolidWorld's prompts.
+PRESETS: dict[str, dict[str, Any]] = FLOW_DPO_PRESETS
 
 
 # --8<-- [start:loss]
