@@ -85,8 +85,9 @@ class Carve3DConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=4, batch_size=8, samples_per_prompt=4, num_steps=6, learning_rate=1e-4, eval_every=0,
                   eval_prompts=8, checkpoint_every=2, prompts="a red cube"),
-    "cpu": dict(steps=16, batch_size=32, samples_per_prompt=8, num_steps=8, learning_rate=5e-5, eval_every=8,
-                eval_prompts=64, checkpoint_every=8),
+    # On-policy means one update per batch: more, smaller batches give more updates for the same samples.
+    "cpu": dict(steps=24, batch_size=16, samples_per_prompt=4, num_steps=8, learning_rate=1e-4, eval_every=12,
+                eval_prompts=48, checkpoint_every=12),
     "gpu": dict(steps=100, batch_size=64, samples_per_prompt=8, num_steps=20, learning_rate=3e-5, eval_every=10,
                 eval_prompts=256, checkpoint_every=10),
 }
