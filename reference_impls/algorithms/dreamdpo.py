@@ -54,7 +54,7 @@ class DreamDPOConfig(FieldConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=60, eval_every=30, checkpoint_every=30),
-    "cpu": dict(steps=300, eval_every=50, checkpoint_every=50),
+    "cpu": dict(steps=150, eval_every=50, checkpoint_every=50),
     "gpu": dict(steps=1000, eval_every=100, checkpoint_every=100, resolution=64, samples_per_ray=160),
 }
 
@@ -92,11 +92,11 @@ class DreamDPO(FieldMethod):
         s = noise_level(config, ctx.step, ctx.generator)
         noise = torch.randn((2, *x.shape[1:]), generator=ctx.generator)
         # 1. Two noisy copies of the same render at the same level, each denoised in one guided step.
-        _, x0_first = guided_denoise(self, x.detach(), s, noise[:1])
         if not config.use_preferences:
+            x0_first = guided_denoise(self, x.detach(), s, noise[:1])
             direction, used_pair, rewards = sds_direction(x, x0_first), False, None
         else:
-            _, x0_second = guided_denoise(self, x.detach(), s, noise[1:])
+            x0_first, x0_second = guided_denoise(self, x.detach(), s, noise).split(1)
             # 2. The reward ranks the two one-step estimates (in [0, 1], as the evaluator sees images).
             estimates = torch.cat([x0_first, x0_second]).clamp(-1, 1) / 2 + 0.5
             rewards = self.reward(estimates, [self.prompt, self.prompt])

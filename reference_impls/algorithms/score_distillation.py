@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from reference_impls.models.policy import Conditioning
 from reference_impls.models.voxel_field import VoxelField, VoxelFieldConfig
 from reference_impls.training.config import TrainConfig
 from reference_impls.training.method import Method, NonFiniteLossError
@@ -87,16 +88,18 @@ def noise_level(config: FieldConfig, step: int, generator: torch.Generator) -> t
 
 
 # --8<-- [start:sds]
-def guided_denoise(method: FieldMethod, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_s, x0_hat): the render noised to level s, and the generator's guided one-step estimate of it."""
+def guided_denoise(method: FieldMethod, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The generator's guided one-step estimates x0_hat of the render x noised to level s with each of the
+    K noises (K, ...): x_s = (1 - s) x + s eps, x0_hat = x_s - s v_cfg. Returns (K, ...); one denoiser call
+    holds every noise, conditional and unconditional (per-call overhead dominates small models)."""
+    k = noise.shape[0]
     x_s = (1 - s) * x + s * noise
-    t = (s * 1000).reshape(1).expand(x.shape[0])
+    t = (s * 1000).reshape(1).expand(2 * k)
+    cond = Conditioning.cat([method.cond.repeat(k), method.uncond.repeat(k)])
     with torch.no_grad():
-        conditional = method.policy.predict(x_s, t, method.cond)
-        unconditional = method.policy.predict(x_s, t, method.uncond)
+        conditional, unconditional = method.policy.predict(torch.cat([x_s, x_s]), t, cond).chunk(2)
     velocity = unconditional + method.config.guidance_scale * (conditional - unconditional)
-    return x_s, x_s - s * velocity
+    return x_s - s * velocity
 
 
 def sds_direction(x: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
