@@ -152,10 +152,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
 
 def build_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[str, Any],
                  video_presets: dict[str, dict[str, Any]] | None = None) -> Any:
-    """Dataclass defaults < the chosen preset < its video variant (for a video model) < explicit flags.
+    """Dataclass defaults < the chosen preset < its video variant (for a video or multi-view model) < explicit
+    flags.
 
     A rollout of an 8-frame clip costs about nine images' worth (``benchmarks/video_cost.py``), so a
-    method's presets may carry a video variant that keeps the same preset inside its time budget.
+    method's presets may carry a video variant that keeps the same preset inside its time budget. Four views
+    of a SolidWorld scene cost about half a clip and take the same variant.
     """
     preset = overrides.get("preset") or "smoke"
     if preset not in PRESETS:
@@ -164,7 +166,7 @@ def build_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[
     if video_presets and preset in video_presets:
         defaults = {f.name: f.default for f in fields(cls)}
         model = overrides.get("model") or values.get("model") or defaults.get("model")
-        if model is not None and model_modality(str(model)) == "video":
+        if model is not None and model_modality(str(model)) in ("video", "multiview"):
             values.update(video_presets[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["preset"] = preset
