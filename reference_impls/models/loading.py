@@ -1,7 +1,7 @@
 """Resolve a model name or a local folder to a :class:`GenerativePolicy` (never a hub id).
 
-* ``shapes-diffusion`` / ``shapes-flow`` (images), ``motion-diffusion`` / ``motion-flow`` (clips): the
-  checkpoints shipped in ``reference_impls/checkpoints``.
+* ``shapes-diffusion`` / ``shapes-flow`` (images), ``motion-diffusion`` / ``motion-flow`` (clips),
+  ``solid-mv-flow`` (SolidWorld's four views): the checkpoints shipped in ``reference_impls/checkpoints``.
 * a folder with ``rlvg_model.json``: a ShapeWorld checkpoint (e.g. written by ``rlvg pretrain``/``train``).
 * a folder with ``model_index.json``: a diffusers pipeline saved with ``save_pretrained``
   (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``), loaded with ``from_pretrained(path)``.
@@ -22,6 +22,8 @@ SHIPPED_MODELS: dict[str, str] = {
                         "DDIM/DDPM samplers",
     "motion-flow": "MotionWorld video model (8x32x32 clips): shapes-flow inflated with temporal attention, "
                    "rectified flow, ODE/SDE samplers",
+    "solid-mv-flow": "SolidWorld multi-view model (4 views of 32x32): shapes-flow inflated with attention across "
+                     "views, rectified flow, ODE/SDE samplers",
 }
 
 
