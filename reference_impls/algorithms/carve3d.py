@@ -55,8 +55,10 @@ class Carve3DConfig(TrainConfig):
     ddpm for a diffusion model."""
     eta: float = 1.0
     """DDIM stochasticity of training rollouts of a diffusion model."""
-    noise_level: float = 0.7
-    """SDE sampler of a flow model: the noise scale a of sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO's)."""
+    noise_level: float = 0.3
+    """SDE sampler of a flow model: the noise scale a of sigma_t = a sqrt(t / (1 - t)). Flow-GRPO's 0.7 leaves
+    noise of std 0.09 in the last of 8 steps, which the evaluator reads as specks and holes: on 16 held-out
+    prompts the rollouts' mean exact score was 0.34 at 0.7, 0.57 at 0.3 and 0.58 with the ODE."""
     kl_coef: float = 0.1
     """beta: weight of the chain's summed log-ratio to the base model, subtracted from the reward."""
     samples_per_prompt: int = 4
@@ -83,10 +85,12 @@ class Carve3DConfig(TrainConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=4, batch_size=8, samples_per_prompt=4, num_steps=6, learning_rate=1e-4, eval_every=0,
+    # The multi-view model is sensitive: one on-policy update at 1e-4 took the smoke prompt's consistency
+    # from 0.71 to 0.09, at 3e-5 to 0.57; at 1e-5 it rose (0.71 -> 0.76).
+    "smoke": dict(steps=4, batch_size=8, samples_per_prompt=4, num_steps=6, learning_rate=1e-5, eval_every=0,
                   eval_prompts=8, checkpoint_every=2, prompts="a red cube"),
     # On-policy means one update per batch: more, smaller batches give more updates for the same samples.
-    "cpu": dict(steps=24, batch_size=16, samples_per_prompt=4, num_steps=8, learning_rate=1e-4, eval_every=12,
+    "cpu": dict(steps=24, batch_size=16, samples_per_prompt=4, num_steps=8, learning_rate=1e-5, eval_every=12,
                 eval_prompts=48, checkpoint_every=12),
     "gpu": dict(steps=100, batch_size=64, samples_per_prompt=8, num_steps=20, learning_rate=3e-5, eval_every=10,
                 eval_prompts=256, checkpoint_every=10),

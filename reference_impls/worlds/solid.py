@@ -510,6 +510,8 @@ def detect_solids(views: np.ndarray) -> list[FittedSolid]:
                 components, n = ndimage.label(masks[v], structure=np.ones((3, 3)))
                 count = int((np.bincount(components.ravel())[1:] >= 3).sum())
             blobs = max(blobs, count)
+        if blobs == 0:  # only specks under the blob size (a sampler's leftover noise): not an object
+            continue
         ignore = (labels >= 0) & ~masks  # other objects' pixels: occlusion is not a mismatch
         found.append(_fit_colour(masks, ignore, colour, blobs))
     return found
@@ -581,8 +583,7 @@ def score_solids(found: Sequence[FittedSolid], spec: SolidSpec | str) -> SolidEv
     gain = np.where(credit > 0, credit + EXTRA_OBJECT_COST, 0.0)
     rows, cols = linear_sum_assignment(gain, maximize=True)
     matched = {int(r): int(c) for r, c in zip(rows, cols) if gain[r, c] > 0}
-    # Every detected colour is at least one object, even when all its specks fall under the blob size.
-    extras = sum(max(1, d.blobs) for d in found) - len(matched)
+    extras = sum(d.blobs for d in found) - len(matched)
     relation = True
     if spec.relation is not None:
         relation = 0 in matched and 1 in matched and relation_holds(spec.relation, found[matched[0]],
