@@ -237,11 +237,12 @@ def test_dro_loss_by_hand_and_dso_needs_a_multiview_model(tiny_solid: Path, tmp_
 
 # -- on the shipped multi-view model ------------------------------------------------------------------
 def test_shipped_multiview_model_draws_four_consistent_views_of_ground_truth_quality() -> None:
-    from reference_impls.evaluation import default_eval_sampler, evaluate_policy, heldout_prompts
+    from reference_impls.evaluation import default_eval_sampler, evaluate_policy
+    from reference_impls.worlds.solid import as_solid_spec, solid_prompt_split
 
     policy = load_policy("solid-mv-flow")
     assert policy.world == "solid" and policy.latent_shape == (3, 4, 32, 32)
-    prompts = [p for p in heldout_prompts(24, world="solid") if "next to" not in p and "on top" not in p][:8]
+    prompts = [p for p in solid_prompt_split("heldout") if as_solid_spec(p).task == "single_object"][:8]
     result = evaluate_policy(policy, prompts, default_eval_sampler(policy, 20), seed=0)
     # Single objects: most are one consistent solid across the four views (the evaluator's check).
     assert result.metrics["consistency"] >= 0.5, result.metrics
