@@ -173,10 +173,10 @@ def _solid_section() -> str:
     fields = _load("fields")
     text.append("\n### Per-prompt 3D optimisers: before and after, paired with SDS\n")
     text.append("A per-prompt method fits one voxel field per prompt, so it is measured on a fixed set of held-out "
-                "prompts (4 per task) and seeds: plain score distillation (SDS) and the method start from the same "
+                "prompts (the same number per task) and seeds: plain score distillation (SDS) and the method start from the same "
                 "field with the same noise at every step, and the exact evaluator scores the field's four renders "
                 "after the last step. The gain is the method's paired difference from SDS, with a 95% bootstrap "
-                "interval over seeds and prompts. Measured by `python -m benchmarks.field_table METHOD --seeds 0 1 2`.\n")
+                "interval over seeds and prompts. Measured by the command under the table.\n")
     field_rows = (fields or {}).get("rows", {})
     if not field_rows:
         return "\n".join(text) + _missing("field_table") + "\n"
@@ -191,6 +191,7 @@ def _solid_section() -> str:
             text.append(f"| [{name}](methods/{_bib_key(name)}.md) | {row['prompts']} x {len(row['seeds'])} | {label} "
                         f"| {_fmt(cell['before'])} | {_fmt(cell['sds'])} | {_fmt(cell['method'])} | {_gain(interval)} "
                         f"| {_verdict(interval)} | {_fmt(row['minutes_per_field'], 1)} |")
+    text.append(f"\nCommand: `{fields.get('command', 'python -m benchmarks.field_table')}`. Machine: {_machine(fields)}.\n")
     return "\n".join(text) + "\n"
 
 
