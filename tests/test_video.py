@@ -261,3 +261,58 @@ def test_ddpo_trains_a_text_to_video_pipeline_for_two_steps(t2v, tmp_path) -> No
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[1]["ratio_first"] == pytest.approx(1.0)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
+
+
+# -- a flow-matching text-to-video pipeline: Wan 2.1's architecture (tiny, random, saved locally) ----
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> Path:
+    from reference_impls.models.tiny_pipelines import save_tiny_pipeline
+
+    return save_tiny_pipeline("wan", tmp_path_factory.mktemp("wan") / "pipe")
+
+
+def test_wan_pipeline_log_probs_recompute_exactly_and_the_ode_matches_the_stock_pipeline(wan) -> None:
+    from diffusers import WanPipeline
+
+    policy = load_policy(wan)
+    assert policy.latent_shape == (4, 2, 2, 2) and policy.prediction == "velocity" and policy.world is None
+    trajectory = rollout(policy, ["a red circle", "two cats"], SamplerConfig("sde", num_steps=3),
+                         torch.Generator().manual_seed(0))
+    assert trajectory.images.shape == (2, 3, 5, 16, 16)  # 2 latent frames decode to 5 (the VAE's 4x in time)
+    with torch.no_grad():
+        for step in range(3):
+            assert torch.equal(transition_log_prob(policy, trajectory, step).log_prob, trajectory.log_probs[:, step])
+    pipe = WanPipeline.from_pretrained(str(wan), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    # As for SD3 (test_pipelines.py): the stock schedule ends at shift(1/1000), ours spaces sigmas evenly to
+    # 0 (as Flow-GRPO). WanPipeline takes no sigmas argument, so its scheduler is handed ours.
+    set_timesteps = pipe.scheduler.set_timesteps
+    even = torch.linspace(1.0, 0.0, 5)[:-1].tolist()
+    pipe.scheduler.set_timesteps = lambda steps, device=None, **_: set_timesteps(sigmas=even, device=device)
+    noise = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    ours = rollout(policy, ["a red circle"], SamplerConfig("ode", num_steps=4), noise=noise).states[:, -1]
+    stock = pipe("a red circle", height=16, width=16, num_frames=5, num_inference_steps=4, guidance_scale=1.0,
+                 latents=noise.clone(), output_type="latent", max_sequence_length=256).frames
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+
+
+def test_flow_grpo_trains_a_wan_pipeline_with_lora_for_two_steps(wan, tmp_path) -> None:
+    from reference_impls.algorithms import get_method
+    from reference_impls.training import build_config, train
+
+    cls = get_method("flow-grpo")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(wan), "reward": "jpeg-compressibility", "prompts": "a cat", "steps": 2,
+        "batch_size": 4, "group_size": 2, "minibatch_size": 4, "num_steps": 2, "checkpoint_every": 1,
+        "lora_rank": 4})
+    policy = load_policy(config.model)
+    records = train(cls(policy=policy, reward=get_reward(config.reward), config=config), tmp_path / "run",
+                    progress=False)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["ratio_first"] == pytest.approx(1.0)
+    # The LoRA lands where diffusers' WanPipeline.load_lora_weights finds it.
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(wan), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "run" / "final"))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

@@ -12,6 +12,11 @@ Three families are supported, loaded from local folders only (``save_pretrained`
 * ``TextToVideoSDPipeline`` (ModelScope text-to-video): a ``UNet3DConditionModel`` that predicts the
   noise of (C, F, h, w) video latents, with SD's text encoder and a per-frame VAE; its scheduler is
   converted like SD's. The policy samples ``frames`` frames (16, the pipeline's default).
+* ``WanPipeline`` (Wan 2.1 text-to-video): a ``WanTransformer3DModel`` that predicts the flow velocity of
+  (C, F', h, w) latents of a causal 3D VAE (F' = (F - 1) / 4 + 1), with a UMT5 text encoder. Its scheduler
+  (UniPC with flow sigmas, or flow-matching Euler) becomes a ``FlowMatchEulerDiscreteScheduler`` with the
+  same ``shift``, so the flow samplers (ODE/SDE) drive it like SD3. The clip size is Wan's default
+  (81 frames of 480x832) unless the folder holds ``rlvg_video.json`` with ``frames``, ``height``, ``width``.
 
 Prompts are encoded with the pipeline's own ``encode_prompt`` (same tokenisation, ``clip_skip`` and
 concatenation rules as ``pipe(...)``); the text encoders and the VAE are frozen.
@@ -28,12 +33,16 @@ from torch import nn
 
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 
-SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
+SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline",
+                                         "WanPipeline")
 DENOISER_COMPONENT: dict[str, str] = {"StableDiffusionPipeline": "unet", "TextToVideoSDPipeline": "unet",
-                                      "StableDiffusion3Pipeline": "transformer"}
+                                      "StableDiffusion3Pipeline": "transformer", "WanPipeline": "transformer"}
 """The pipeline component each supported class trains (the name of its LoRA layers and of its folder)."""
 VIDEO_FRAMES = 16
 """Frames of a text-to-video pipeline's samples (``TextToVideoSDPipeline.__call__``'s default)."""
+WAN_CLIP = {"frames": 81, "height": 480, "width": 832}
+"""``WanPipeline.__call__``'s default clip; a folder's ``rlvg_video.json`` overrides it (small test pipelines)."""
+VIDEO_SIZE_FILE = "rlvg_video.json"
 UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
     "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
     "use_beta_sigmas", "invert_sigmas",
@@ -58,7 +67,7 @@ class PipelineTextEncoder(nn.Module):
         # A plain attribute, not a submodule: the pipeline is not an nn.Module.
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
-        self.is_sd3 = type(pipe).__name__ == "StableDiffusion3Pipeline"
+        self.pipeline_class = type(pipe).__name__
 
     @property
     def device(self) -> torch.device:
@@ -66,12 +75,16 @@ class PipelineTextEncoder(nn.Module):
 
     def forward(self, prompts: list[str]) -> Conditioning:
         prompts = list(prompts)
-        if self.is_sd3:
+        if self.pipeline_class == "StableDiffusion3Pipeline":
             hidden, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
             return Conditioning(hidden, pooled)
+        if self.pipeline_class == "WanPipeline":
+            hidden, _ = self.pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
+                                                max_sequence_length=self.max_sequence_length, device=self.device)
+            return Conditioning(hidden)
         hidden, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return Conditioning(hidden)
 
@@ -113,6 +126,24 @@ def make_vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         z = latents / scaling + shift
         image = vae.decode(z).sample
         return ((image + 1) / 2).clamp(0, 1)
+
+    return decode
+
+
+def make_wan_vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wan latents (B, C, F', h, w) -> RGB clips (B, 3, F, H, W) in [0, 1], differentiable.
+
+    Wan normalises each latent channel by the VAE's ``latents_mean`` / ``latents_std``; the pipeline undoes
+    it before decoding (``z = latents * std + mean``), and so do we.
+    """
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if next(vae.parameters()).device != latents.device:
+            vae.to(latents.device)
+        z = latents * std.to(latents) + mean.to(latents)
+        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
 
     return decode
 
@@ -203,13 +234,51 @@ def _sd3_policy(pipe: Any, name: str, max_sequence_length: int) -> GenerativePol
     )
 
 
+def _wan_scheduler(scheduler_config: Any) -> Any:
+    """Wan ships UniPC with flow sigmas (``flow_shift``); the same sigmas come from flow-matching Euler's
+    ``shift``, which is what our flow samplers read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if "flow_shift" in scheduler_config:
+        if not scheduler_config.get("use_flow_sigmas", False):
+            raise UnsupportedPipelineError("a WanPipeline scheduler without flow sigmas is not a flow schedule the "
+                                           "samplers can follow; use the flow-matching scheduler Wan ships with")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"],
+                                               shift=float(scheduler_config["flow_shift"]))
+    return _sd3_scheduler(scheduler_config)
+
+
+def _wan_policy(pipe: Any, name: str, clip: dict[str, int], max_sequence_length: int) -> GenerativePolicy:
+    transformer = pipe.transformer
+    conditioner = PipelineTextEncoder(pipe, [pipe.text_encoder], max_sequence_length=max_sequence_length)
+
+    def call_transformer(module: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                         cond: Conditioning) -> torch.Tensor:
+        # As in diffusers' WanPipeline: timestep = sigma * 1000, the output is the velocity (noise - x0).
+        return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0]
+
+    frames = (clip["frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    spatial = pipe.vae_scale_factor_spatial
+    return GenerativePolicy(
+        name=name,
+        denoiser=transformer,
+        prediction="velocity",
+        scheduler=_wan_scheduler(pipe.scheduler.config),
+        encode_text=conditioner,
+        call_denoiser=call_transformer,
+        latent_shape=(int(transformer.config.in_channels), frames, clip["height"] // spatial, clip["width"] // spatial),
+        decode=make_wan_vae_decoder(pipe.vae),
+        text_encoder=conditioner,
+    )
+
+
 def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length: int = 256,
-                         frames: int = VIDEO_FRAMES) -> GenerativePolicy:
+                         frames: int = VIDEO_FRAMES, clip: dict[str, int] | None = None) -> GenerativePolicy:
     """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` or ``TextToVideoSDPipeline``.
 
     The policy shares the pipeline's modules (training the policy trains ``pipe.unet`` /
     ``pipe.transformer``). ``max_sequence_length`` is SD3's T5 length, as in ``pipe(...)``; ``frames`` the
-    clip length of a text-to-video pipeline.
+    clip length of a text-to-video pipeline; ``clip`` Wan's frames, height and width (``WAN_CLIP`` if None).
     """
     class_name = type(pipe).__name__
     name = name or class_name
@@ -219,6 +288,11 @@ def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length
         policy = _t2v_policy(pipe, name, frames)
     elif class_name == "StableDiffusion3Pipeline":
         policy = _sd3_policy(pipe, name, max_sequence_length)
+    elif class_name == "WanPipeline":
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise UnsupportedPipelineError("Wan 2.2's two-expert pipeline (transformer_2) is not supported: "
+                                           "save a single-transformer WanPipeline (Wan 2.1)")
+        policy = _wan_policy(pipe, name, clip or WAN_CLIP, max_sequence_length)
     else:
         raise UnsupportedPipelineError(
             f"unsupported pipeline class {class_name!r}; supported: {', '.join(SUPPORTED_PIPELINES)}"
@@ -255,6 +329,11 @@ def policy_from_pipeline_dir(directory: Path, index: dict, device: str = "cpu") 
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipeline_cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    policy = policy_from_pipeline(pipe, name=str(directory))
+    clip = None
+    if (directory / VIDEO_SIZE_FILE).exists():
+        import json
+
+        clip = {**WAN_CLIP, **json.loads((directory / VIDEO_SIZE_FILE).read_text(encoding="utf-8"))}
+    policy = policy_from_pipeline(pipe, name=str(directory), clip=clip)
     pipe.vae.to(device)
     return policy.to(device)

@@ -12,8 +12,11 @@ code from an in-memory byte-level vocabulary and a few merges, the weights are r
   two CLIP text encoders with projection, no T5 (the pipeline feeds zeros in its place), 4x8x8 latents.
 * :func:`build_tiny_t2v_pipeline`: ``TextToVideoSDPipeline``, a ``UNet3DConditionModel`` (temporal
   convolutions and attention) on 4x(F)x8x8 video latents, the SD-style VAE per frame, a DDIM scheduler.
+* :func:`build_tiny_wan_pipeline`: ``WanPipeline`` (Wan 2.1's architecture), a ``WanTransformer3DModel``
+  velocity model, a UMT5 encoder with a T5 tokenizer built in code (a small Unigram vocabulary), the causal
+  3D VAE (4x temporal, 8x spatial): clips of 5 frames of 16x16, 2 latent frames of 2x2.
 * :func:`save_tiny_pipeline`: ``save_pretrained`` of any of them into a folder ``rlvg`` can load with
-  ``--model PATH``.
+  ``--model PATH`` (for Wan with ``rlvg_video.json``, the small clip size).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TinyKind = Literal["sd", "sd3", "t2v"]
-TINY_KINDS: tuple[str, ...] = ("sd", "sd3", "t2v")
+TinyKind = Literal["sd", "sd3", "t2v", "wan"]
+TINY_KINDS: tuple[str, ...] = ("sd", "sd3", "t2v", "wan")
+TINY_WAN_CLIP = {"frames": 5, "height": 16, "width": 16}
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -252,6 +256,43 @@ def build_tiny_t2v_pipeline(seed: int = 0) -> TextToVideoSDPipeline:
     return pipe
 
 
+def build_tiny_t5_tokenizer(words: tuple[str, ...] = _WORDS):  # noqa: ANN201 - a T5TokenizerFast
+    """A T5 tokenizer built in memory: SentencePiece-style pieces ("▁word") in a Unigram model, so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip as T5's own tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    vocab += [("\u2581" + word, -1.0) for word in dict.fromkeys(words)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def build_tiny_wan_pipeline(seed: int = 0):  # noqa: ANN201 - a WanPipeline
+    """A random ``WanPipeline`` (Wan 2.1's architecture) with a flow-matching Euler scheduler (shift 3)."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64,
+                                               num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                                        text_dim=TEXT_HIDDEN, freq_dim=32, ffn_dim=32, num_layers=1,
+                                        cross_attn_norm=True, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1] * LATENT_CHANNELS,
+                           latents_std=[1.5] * LATENT_CHANNELS)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(kind: TinyKind, seed: int = 0):  # noqa: ANN201
     """``kind``: "sd" (epsilon UNet), "sd3" (flow transformer) or "t2v" (text-to-video UNet)."""
     if kind == "sd":
@@ -260,6 +301,8 @@ def build_tiny_pipeline(kind: TinyKind, seed: int = 0):  # noqa: ANN201
         return build_tiny_sd3_pipeline(seed)
     if kind == "t2v":
         return build_tiny_t2v_pipeline(seed)
+    if kind == "wan":
+        return build_tiny_wan_pipeline(seed)
     raise ValueError(f"unknown tiny pipeline kind {kind!r}; valid kinds: {', '.join(TINY_KINDS)}")
 
 
@@ -267,6 +310,12 @@ def save_tiny_pipeline(kind: TinyKind, directory: str | Path, seed: int = 0) -> 
     """Build a tiny pipeline and ``save_pretrained`` it (safetensors) into ``directory``."""
     directory = Path(directory)
     build_tiny_pipeline(kind, seed).save_pretrained(directory, safe_serialization=True)
+    if kind == "wan":
+        import json
+
+        from reference_impls.models.pipelines import VIDEO_SIZE_FILE
+
+        (directory / VIDEO_SIZE_FILE).write_text(json.dumps(TINY_WAN_CLIP), encoding="utf-8")
     return directory
 
 
