@@ -1,9 +1,10 @@
 """Per-prompt 3D optimisers, measured: before/after on a fixed prompt set, paired against plain SDS.
 
-A per-prompt method (DreamDPO) trains no generator, so there is no held-out split to compare on. What it
-changes is the 3D field it fits for one prompt. The comparison is paired: for every prompt of a fixed
-SolidWorld set, and every seed, plain score distillation (``--use-preferences false``, DreamFusion's loop)
-and the method start from the same field and draw the same first noise at every step. The exact evaluator
+A per-prompt method (DreamDPO, DreamReward) trains no generator, so there is no held-out split to compare
+on. What it changes is the 3D field it fits for one prompt. The comparison is paired: for every prompt of
+a fixed SolidWorld set, and every seed, plain score distillation (DreamFusion's loop: the method with its
+``sds_settings``, DreamDPO's ``--use-preferences false`` or DreamReward's ``--reward-weight 0``) and the
+method start from the same field and draw the same first noise at every step. The exact evaluator
 scores the field's four rendered views after the last step. Reported: the score and accuracy before
 (the initial field), after SDS and after the method, and the method's paired gain over SDS with a 95%
 bootstrap CI over seeds and prompts, stratified by task.
@@ -53,17 +54,19 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
 
 
-def run_one(method: str, prompt: str, seed: int, out: Path, settings: dict, reuse: bool) -> dict:
-    """Fit one field; returns its record (initial and final verdict, wall time), cached as JSON."""
+def run_one(method: str, prompt: str, seed: int, out: Path, settings: dict, reuse: bool, sds: bool = False) -> dict:
+    """Fit one field (with ``sds``: the method's plain-SDS baseline); returns its record (initial and final
+    verdict, wall time), cached as JSON."""
     path = out / method / f"seed{seed}" / f"{_slug(prompt)}.json"
     if reuse and path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     cls = METHODS[method]
+    settings = {**settings, **(cls.sds_settings if sds else {})}
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", "prompts": prompt, "seed": seed,
                                                            "threads": 1, **settings})
     torch.manual_seed(seed)
     started = time.perf_counter()
-    run_dir = out / "runs" / method / f"seed{seed}-{'sds' if settings.get('use_preferences') is False else 'method'}" \
+    run_dir = out / "runs" / method / f"seed{seed}-{'sds' if sds else 'method'}" \
         / _slug(prompt)
     records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), run_dir,
                     resume=run_dir.exists(), progress=False)
@@ -118,20 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     baseline, trained = [], []
     for seed in args.seeds:
         for prompt in prompts:
-            baseline.append(run_one(f"{args.method}", prompt, seed, out / "sds", {**settings, "use_preferences": False},
-                                    args.reuse))
+            baseline.append(run_one(args.method, prompt, seed, out / "sds", settings, args.reuse, sds=True))
             trained.append(run_one(args.method, prompt, seed, out, settings, args.reuse))
             print(f"seed {seed} {prompt!r}: SDS {baseline[-1]['score']:.2f}  {args.method} {trained[-1]['score']:.2f}",
                   file=sys.stderr)
     row = summarise(args.method, prompts, args.seeds, baseline, trained)
     row["settings"] = settings or "cpu preset"
+    row["command"] = "python -m benchmarks.field_table " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(row, indent=2))
     if not args.no_merge:
         path = RESULTS_DIR / RESULTS_FILE
         table = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"rows": {}}
         table["rows"][args.method] = row
         table["machine"] = machine_description()
-        table["command"] = "python -m benchmarks.field_table " + " ".join(argv if argv is not None else sys.argv[1:])
         path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -290,3 +290,165 @@ def test_the_grpo_cell_runs_on_views_with_a_3d_reward(tiny_solid: Path, tmp_path
                     tmp_path / "run", progress=False)
     step = next(r for r in records if r["step"] == 1)
     assert 0.0 <= step["reward_mean"] <= 1.0 and math.isfinite(step["reward_std"])
+
+
+# -- AR3D-R1's hierarchical reward, the learned multi-view reward and DreamReward ----------------------
+def test_hierarchical_rewards_by_hand() -> None:
+    prompts = ["a red cube", "a small blue sphere on top of a large green cylinder"]
+    views = torch.from_numpy(render_views(prompts, seed=0)).permute(0, 4, 1, 2, 3).float() / 255
+    coarse, fine = get_reward("solid-global"), get_reward("solid-parts")
+    assert coarse(views, prompts).tolist() == fine(views, prompts).tolist() == [1.0, 1.0]
+    # The stacked scene judged as 'next to': count and consistency hold, the relation does not (2 of 3).
+    # Its parts judged against 'a small blue cube ...': blue has size but not shape (2 of 3 checks with colour),
+    # green all (3 of 3): (2/3 + 1) / 2.
+    asked = ["a blue cube", "a small blue cube on top of a large green cylinder"]
+    assert fine(views, asked).tolist() == pytest.approx([0.0, (2 / 3 + 1) / 2])
+    assert coarse(views[1:], ["a small blue sphere next to a large green cylinder"]).tolist() == pytest.approx([2 / 3])
+
+
+def test_hierarchical_advantages_split_the_chain_into_coarse_and_fine_steps(tiny_solid: Path) -> None:
+    from types import SimpleNamespace
+
+    from reference_impls.algorithms.grpo_common import grpo_advantages
+
+    cls = get_method("flow-grpo")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(tiny_solid), "reward": "solid-composition", "hierarchical": True,
+        "num_steps": 4, "sde_steps": 0, "group_size": 2, "batch_size": 4, "kl_coef": 0.0}, cls.video_presets)
+    method = cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config)
+    # Group 1: correct views vs views of another prompt; group 2: the same pair the other way round.
+    prompts = ["a red cube", "a red cube", "a blue sphere next to a green cube", "a blue sphere next to a green cube"]
+    rendered = ["a red cube", "a yellow cone", "a blue sphere on top of a green cube", "a blue sphere next to a green cube"]
+    views = torch.from_numpy(render_views(rendered, seed=1)).permute(0, 4, 1, 2, 3).float() / 255
+    batch = SimpleNamespace(trajectory=SimpleNamespace(images=views, prompts=prompts))
+    steps = torch.tensor([[0, 1, 2]] * 4)
+    per_step, metrics = method.hierarchical_advantages(batch, steps)
+    coarse = grpo_advantages(get_reward("solid-global")(views, prompts), config)
+    fine = grpo_advantages(get_reward("solid-parts")(views, prompts), config)
+    # Steps 0 and 1 lie in the first half of the 4 stochastic steps: the coarse level; step 2: the fine one.
+    torch.testing.assert_close(per_step, torch.stack([coarse, coarse, fine], dim=1))
+    assert metrics["coarse_step_share"] == pytest.approx(2 / 3)
+    # The stacked-instead-of-side-by-side pair differs in layout only: its fine advantages are 0.
+    assert fine[2:].abs().max() == 0 and coarse[2] < 0 < coarse[3]
+
+
+def test_one_hierarchical_flow_grpo_step_starts_on_policy(tiny_solid: Path, tmp_path: Path) -> None:
+    cls = get_method("flow-grpo")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(tiny_solid), "reward": "solid-composition", "hierarchical": True,
+        "steps": 1, "num_steps": 3, "eval_prompts": 2}, cls.video_presets)
+    records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config),
+                    tmp_path / "run", progress=False)
+    step = next(r for r in records if r["step"] == 1)
+    assert step["ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= step["coarse_reward_mean"] <= 1.0 and 0.0 <= step["fine_reward_mean"] <= 1.0
+
+
+def test_learned_solid_reward_features_and_gradient() -> None:
+    from reference_impls.rewards.learned_solid import (
+        PROMPT_FEATURES,
+        SolidRewardNet,
+        predicted_score,
+        solid_criteria_mask,
+        solid_prompt_features,
+    )
+    from reference_impls.worlds.grammar import COLOURS
+
+    features = solid_prompt_features(["a small red cube", "a blue cone on top of a large green cylinder"])
+    assert features.shape == (2, PROMPT_FEATURES)
+    assert features.sum(dim=1).tolist() == [3 + 1, 6 + 1]  # colour, shape, size per object, and the relation
+    assert features[0, COLOURS.index("red")] == 1
+    assert solid_criteria_mask(["a red cube", "a red cube next to a blue cone"]).tolist() == \
+        [[1, 1, 1, 0], [1, 1, 1, 1]]
+    logits = torch.tensor([[0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    # The relation logit is masked out of a one-object prompt's score.
+    assert predicted_score(logits, torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]])).tolist() == [0.5, 0.5]
+    torch.manual_seed(0)
+    net = SolidRewardNet()
+    views = torch.rand(2, 3, 4, 32, 32, requires_grad=True)
+    net(views, features).sum().backward()
+    assert views.grad is not None and views.grad[:, :, 3].abs().sum() > 0  # every view reaches the score
+    with pytest.raises(ValueError, match="4 views"):
+        net(torch.rand(1, 3, 2, 32, 32), features[:1])
+
+
+def test_shipped_solid_reward_prefers_the_prompt_it_was_asked_for() -> None:
+    """The shipped Reward3D analogue ranks ground-truth views of held-out prompts above views of a changed prompt."""
+    from reference_impls.worlds.solid import solid_prompt_split
+
+    heldout = solid_prompt_split("heldout")[::21][:24]
+    views = torch.from_numpy(render_views(heldout, seed=3)).permute(0, 4, 1, 2, 3).float() / 255
+    reward = get_reward("solid-learned")
+    right = reward(views, heldout)
+    wrong = reward(views.roll(5, dims=0), heldout)  # every prompt paired with another prompt's views
+    truly_wrong = get_reward("solid-composition")(views.roll(5, dims=0), heldout) < 1  # by the exact evaluator
+    assert int(truly_wrong.sum()) >= 20
+    agreement = float((right > wrong)[truly_wrong].float().mean())
+    assert agreement >= 0.85, (agreement, right, wrong)
+    x = views[:2].clone().requires_grad_(True)
+    reward(x, heldout[:2]).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_dreamreward_pieces_by_hand() -> None:
+    from reference_impls.algorithms.dreamreward import hinge_reward_loss, magnitude_match, scored_views
+
+    assert magnitude_match(350.0, 0.4) == pytest.approx(1e3)  # 10^(2 - (-1))
+    assert magnitude_match(5.0, 0.5) == pytest.approx(10.0)
+    assert magnitude_match(5.0, 0.0) == 0.0
+    assert float(hinge_reward_loss(torch.tensor([0.25, 1.2]), margin=1.0)) == pytest.approx(0.75 / 2)
+    x = torch.tensor([[0.2, -0.4]], requires_grad=True)
+    x0_hat = torch.tensor([[0.6, 0.0]])
+    # Straight-through: the value is x0_hat's (mapped to [0, 1]), the gradient is the render's (1/2 per pixel).
+    views = scored_views(x, x0_hat, use_estimate=True)
+    torch.testing.assert_close(views.detach(), torch.tensor([[0.8, 0.5]]))
+    views.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(scored_views(x, x0_hat, use_estimate=False).detach(), torch.tensor([[0.6, 0.3]]))
+
+
+def test_dreamreward_adds_the_reward_term_after_its_warm_up(tiny_solid: Path, tmp_path: Path) -> None:
+    cls = get_method("dreamreward")
+
+    def run(out: Path, **settings) -> list[dict]:  # noqa: ANN003
+        config = build_config(cls.config_class, cls.presets, {
+            "preset": "smoke", "model": str(tiny_solid), "steps": 4, "eval_every": 0, "checkpoint_every": 4,
+            "samples_per_ray": 32, "prompts": "a red cube", "reward_start": 0.5, **settings})
+        return train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), out,
+                     progress=False)
+
+    steps = [r for r in run(tmp_path / "a") if "sds_loss" in r]
+    assert [r["reward_term"] for r in steps] == [0.0, 0.0, 1.0, 1.0]  # steps 0, 1 are warm-up SDS
+    assert all(0 <= r["reward_mean"] <= 1 and r["reward_weight"] > 0 for r in steps[2:])
+    plain = [r for r in run(tmp_path / "b", reward_weight=0.0) if "sds_loss" in r]
+    assert [r["reward_term"] for r in plain] == [0.0] * 4
+    # Until the reward joins, the two runs are the same SDS run.
+    assert [r["sds_loss"] for r in plain[:2]] == [r["sds_loss"] for r in steps[:2]]
+    config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "model": str(tiny_solid)})
+    with pytest.raises(ValueError, match="differentiable"):
+        cls(policy=load_policy(config.model), reward=get_reward("solid-composition"), config=config)
+
+
+def test_solid_reward_training_writes_a_loadable_checkpoint_with_provenance(tmp_path: Path) -> None:
+    import json
+
+    from reference_impls.rewards.learned_solid import (
+        SolidRewardNetConfig,
+        SolidRewardTrainConfig,
+        load_solid_reward_net,
+        synthetic_views,
+        train_solid_reward,
+    )
+
+    config = SolidRewardTrainConfig(synthetic=24, model_samples=0, heldout_synthetic=8, heldout_model_samples=0,
+                                    steps=3, batch_size=8)
+    network = SolidRewardNetConfig(widths=(4, 4, 4, 4), prompt_hidden=8, head_hidden=8)
+    provenance = train_solid_reward(tmp_path / "reward", config, network, command="test", progress=False)
+    assert provenance["quality"]["heldout"]["all"]["n"] == 8
+    assert not (tmp_path / "reward.partial").exists()  # written aside, then renamed into place
+    net = load_solid_reward_net(str(tmp_path / "reward"))
+    assert net.config.widths == (4, 4, 4, 4)
+    assert json.loads((tmp_path / "reward" / "provenance.json").read_text())["config"]["steps"] == 3
+    # The data are deterministic in the seed.
+    prompts = ["a red cube", "a blue cone next to a green sphere"]
+    assert np.array_equal(synthetic_views(prompts, seed=4), synthetic_views(prompts, seed=4))

@@ -83,6 +83,7 @@ class DreamDPO(FieldMethod):
     bib_key: ClassVar[str] = "zhou2025dreamdpo"
     config_class: ClassVar[type] = DreamDPOConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    sds_settings: ClassVar[dict[str, Any]] = {"use_preferences": False}
     config: DreamDPOConfig
 
     # --8<-- [start:train_step]

@@ -27,6 +27,16 @@ $\lVert\mu_\theta - \mu_\text{ref}\rVert^2 / (2\sigma_t^2\Delta t)$ exactly; the
 configs the last step is not trained (``train_last_step``). *Denoising reduction*: training samples
 use few steps (here ``num_steps``, e.g. 8-10) while evaluation keeps the deterministic ODE with more
 (20 in the training loop's evaluation), since the reward only has to rank the group's images.
+
+*Hierarchical reward* (``--hierarchical``, after AR3D-R1's Hi-GRPO; Tang et al., 2025, ``tang2025ar3dr1``).
+AR3D-R1 generates a 3D object coarse to fine, global shape first and local detail after, and gives each
+level its own reward and its own group-relative advantage. A denoising chain is coarse to fine too: the
+early, noisy steps decide the layout and the late ones the details. So with ``--hierarchical`` every sample
+gets two advantages, $A^\text{coarse}_i$ from a scene-level reward (``solid-global``: count, cross-view
+consistency, relation) and $A^\text{fine}_i$ from a part-level one (``solid-parts``: each object's colour,
+shape and size), and step $k$ of the chain uses $A^\text{coarse}_i$ when it lies in the first
+``coarse_fraction`` of the stochastic steps and $A^\text{fine}_i$ after: one clipped loss per level, summed over the
+levels as in Hi-GRPO.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from reference_impls.algorithms.grpo_common import (
     GRPOConfig,
@@ -63,8 +75,21 @@ class FlowGRPOConfig(GRPOConfig):
     """Sample with the SDE in the first N steps only and with the ODE after them, and train those N (0 = the
     SDE at every step, the paper). Every reward difference inside a group then comes from trained steps."""
 
+    hierarchical: bool = False
+    """AR3D-R1's hierarchical reward: early (coarse) steps are trained on ``coarse_reward``'s advantages,
+    late (fine) steps on ``fine_reward``'s; ``reward`` is then only logged."""
+    coarse_reward: str = "solid-global"
+    """The scene-level reward of the coarse steps (with --hierarchical)."""
+    fine_reward: str = "solid-parts"
+    """The part-level reward of the fine steps (with --hierarchical)."""
+    coarse_fraction: float = 0.5
+    """Steps in the first coarse_fraction of the stochastic steps (all num_steps, or the first sde_steps) are
+    coarse, the rest fine (with --hierarchical)."""
+
     def validate(self) -> None:
         super().validate()
+        if not 0 < self.coarse_fraction < 1:
+            raise ValueError(f"--coarse-fraction must lie in (0, 1), got {self.coarse_fraction}")
         if not 0 <= self.sde_steps <= self.num_steps:
             raise ValueError(f"--sde-steps must be between 0 and --num-steps {self.num_steps}, got {self.sde_steps}")
 
@@ -104,6 +129,15 @@ class FlowGRPO(Method):
         super().__post_init__()
         # The reference is the model we start from; it is only kept when the KL term is on.
         self.reference = self.frozen_copy() if self.config.kl_coef > 0 else None
+        self.levels = None
+        if self.config.hierarchical:
+            from reference_impls.rewards import get_reward
+
+            self.levels = (get_reward(self.config.coarse_reward), get_reward(self.config.fine_reward))
+            for level in self.levels:
+                if level.world is not None and level.world != self.policy.world:
+                    raise ValueError(f"--hierarchical: reward {level.name!r} scores {level.world} prompts and "
+                                     f"{self.policy.name} is a {self.policy.world or 'real-checkpoint'} model")
 
     def sampler(self) -> SamplerConfig:
         """The training sampler: the flow SDE at every step, with few steps (denoising reduction)."""
@@ -126,9 +160,13 @@ class FlowGRPO(Method):
         # 3. Update: clipped ratio at every trained step + beta * KL to the reference on the step means.
         skip_last = not config.train_last_step and config.sde_steps in (0, config.num_steps)
         steps = training_steps(batch.trajectory, config.timestep_fraction, ctx.rng, config.min_step_std, skip_last)
+        level_metrics = {}
+        if self.levels is not None:  # Hi-GRPO: each step gets the advantage of its level's reward
+            advantages, level_metrics = self.hierarchical_advantages(batch, steps)
         update = grpo_update(self, batch.trajectory, advantages, steps, config, ctx.rng, self.reference)
         # --8<-- [end:train_step]
         return {
+            **level_metrics,
             **reward_metrics(batch.rewards),
             **group_metrics(batch.rewards, config.group_size),
             **update.metrics(),
@@ -136,3 +174,17 @@ class FlowGRPO(Method):
             "trained_steps": float(steps.shape[1]),
             "time_rollout_s": rollout_s,
         }
+
+    # --8<-- [start:hierarchical]
+    def hierarchical_advantages(self, batch, steps: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: ANN001
+        """(B, K) advantages: the coarse reward's for steps in the first ``coarse_fraction`` of the stochastic
+        steps, else the fine reward's, each normalised within its own groups."""
+        images, prompts = batch.trajectory.images, batch.trajectory.prompts
+        coarse, fine = (level(images, prompts).float() for level in self.levels)
+        window = self.config.sde_steps or self.config.num_steps  # the stochastic, trainable part of the chain
+        boundary = self.config.coarse_fraction * window
+        per_step = torch.where(steps < boundary, grpo_advantages(coarse, self.config)[:, None],
+                               grpo_advantages(fine, self.config)[:, None])
+        return per_step, {"coarse_reward_mean": float(coarse.mean()), "fine_reward_mean": float(fine.mean()),
+                          "coarse_step_share": float((steps < boundary).float().mean())}
+    # --8<-- [end:hierarchical]

@@ -174,7 +174,8 @@ def grpo_update(method: Method, trajectory: Trajectory, advantages: torch.Tensor
     """Clipped GRPO update over (sample, step) pairs.
 
     ``steps`` is (B, K): the K denoising steps sample i trains on (all stochastic steps, a random subset,
-    a window or a single branch step); ``weights`` (B, K) optional per-pair loss weights. For each inner
+    a window or a single branch step); ``advantages`` is (B,), one per sample, or (B, K), one per trained
+    step (a hierarchical reward); ``weights`` (B, K) optional per-pair loss weights. For each inner
     epoch the samples are shuffled into minibatches; a minibatch accumulates the gradient of its K steps
     and takes one optimiser step, so the ratio is exactly 1 in the first minibatch of the first epoch.
     """
@@ -185,7 +186,8 @@ def grpo_update(method: Method, trajectory: Trajectory, advantages: torch.Tensor
             rows = torch.as_tensor(rows)
             for row, column, n in step_chunks(rows, steps.shape[1], config.steps_per_call):
                 weight = None if weights is None else weights[row, column]
-                loss, clip, kl = grpo_step_loss(method, trajectory.subset(row), steps[row, column], advantages[row],
+                advantage = advantages[row] if advantages.dim() == 1 else advantages[row, column]
+                loss, clip, kl = grpo_step_loss(method, trajectory.subset(row), steps[row, column], advantage,
                                                 config, reference, weight)
                 (loss * n / steps.shape[1]).backward()
                 stats.clip.append(clip)

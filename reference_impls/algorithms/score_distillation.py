@@ -119,6 +119,8 @@ class FieldMethod(Method):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = FieldConfig
+    sds_settings: ClassVar[dict[str, Any]] = {}
+    """The settings that turn the method into plain SDS: its paired baseline (benchmarks/field_table.py)."""
     config: FieldConfig
 
     def __post_init__(self) -> None:

@@ -191,7 +191,9 @@ def _solid_section() -> str:
             text.append(f"| [{name}](methods/{_bib_key(name)}.md) | {row['prompts']} x {len(row['seeds'])} | {label} "
                         f"| {_fmt(cell['before'])} | {_fmt(cell['sds'])} | {_fmt(cell['method'])} | {_gain(interval)} "
                         f"| {_verdict(interval)} | {_fmt(row['minutes_per_field'], 1)} |")
-    text.append(f"\nCommand: `{fields.get('command', 'python -m benchmarks.field_table')}`. Machine: {_machine(fields)}.\n")
+    commands = "; ".join(f"`{row.get('command', 'python -m benchmarks.field_table ' + name)}`"
+                         for name, row in field_rows.items())
+    text.append(f"\nCommands: {commands}. Machine: {_machine(fields)}.\n")
     return "\n".join(text) + "\n"
 
 
@@ -366,7 +368,9 @@ def _variants_section() -> str:
     for label, row in rows:
         accuracy = row["heldout"]["accuracy"]
         changes = ", ".join(f"`{k}={v}`" for k, v in row.get("variant", {}).get("settings", {}).items())
-        text.append(f"| {row['method']} with {changes or label} | {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} "
+        world = row.get("world", "shapes")
+        name = row["method"] if world == "shapes" else f"{row['method']}@{world}"
+        text.append(f"| {name} with {changes or label} | {_fmt(accuracy['base'])} → {_fmt(accuracy['model'])} "
                     f"| {_gain(accuracy)} | {_verdict(accuracy)} | {_gain(row['heldout'].get('mean_score'))} "
                     f"| {_gain(row.get('train_reward'))} | {len(row['seeds'])} |")
     return "\n".join(text) + "\n\n"

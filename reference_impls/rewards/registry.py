@@ -44,6 +44,16 @@ Multi-view rewards take SolidWorld's views (B, 3, V, H, W):
 * ``solid-stability``: DSO's physical feedback (Li et al., 2025) on the fitted layout: 1 if every object
   stands (on the ground, or centred on the flat top of a cube or cylinder), else 0. It reads no prompt,
   so a model can satisfy it by ignoring "on top of"; it is reported beside accuracy, never instead of it.
+* ``solid-global`` / ``solid-parts``: the two levels of AR3D-R1's hierarchical reward (Tang et al., 2025),
+  read off the exact verdict. Global: the fraction of the scene-level criteria that hold (object count,
+  cross-view consistency, and the relation when there is one): is the layout right? Parts: the mean over
+  the requested objects of the fraction of their own attributes (colour, shape, size when asked) that the
+  best detected object of that colour has, 0 for a missing colour: is each part right?
+  Flow-GRPO's ``--hierarchical`` trains its early (coarse) denoising steps on the first and its late (fine)
+  steps on the second.
+* ``solid-learned``: a small multi-view CNN trained to predict the exact SolidWorld criteria from the four
+  views and the prompt (``reference_impls/rewards/learned_solid.py``): the analogue of DreamReward's Reward3D
+  that DreamReward backpropagates through into a 3D field. Differentiable.
 """
 
 from __future__ import annotations
@@ -151,6 +161,28 @@ def solid_consistency(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32, device=views.device)
 
 
+GLOBAL_CRITERIA = ("count", "consistency", "relation")
+
+
+def global_score(verdict) -> float:  # noqa: ANN001 - a SolidEvaluation
+    """Fraction of the scene-level criteria (count, consistency, relation if asked) that hold."""
+    held = [verdict.criteria[k] for k in GLOBAL_CRITERIA if k in verdict.criteria]
+    return float(np.mean(held))
+
+
+def part_score(verdict) -> float:  # noqa: ANN001 - a SolidEvaluation
+    """Mean over requested objects of the best same-colour detection's share of their shape/size checks."""
+    from reference_impls.worlds.solid import as_solid_spec
+
+    per_object = []
+    for obj in as_solid_spec(verdict.prompt).objects:
+        candidates = [d for d in verdict.objects if d.colour == obj.colour]
+        checks = [[d.shape == obj.shape] + ([d.size == obj.size] if obj.size else []) for d in candidates]
+        # Colour found counts as one passed check of 1 + len(checks); a missing colour scores 0.
+        per_object.append(max(((1 + sum(c)) / (1 + len(c)) for c in checks), default=0.0))
+    return float(np.mean(per_object))
+
+
 def solid_stability(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from reference_impls.worlds.registry import to_uint8
     from reference_impls.worlds.solid import detect_solids, scene_stands
@@ -181,6 +213,12 @@ def prompt_colour(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         membership = torch.exp(-distance2 / (2 * PROMPT_COLOUR_WIDTH**2)).amax(dim=-1)
         rewards.append(membership.mean())
     return torch.stack(rewards)
+
+
+def solid_learned(views: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from reference_impls.rewards.learned_solid import learned_solid_reward
+
+    return learned_solid_reward(views, prompts)
 
 
 def shapes_learned(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -232,6 +270,16 @@ REWARDS: dict[str, RewardFunction] = {
         RewardFunction("solid-stability", solid_stability, False,
                        "DSO-style physical feedback: 1 if every fitted object stands (ground, or centred on a "
                        "cube's or cylinder's top), else 0; reads no prompt", world="solid", modality="multiview"),
+        RewardFunction("solid-global", verdict_reward("solid", global_score), False,
+                       "AR3D-R1's coarse level on the exact verdict: fraction of count, consistency and relation "
+                       "(if asked) that hold", world="solid", modality="multiview"),
+        RewardFunction("solid-parts", verdict_reward("solid", part_score), False,
+                       "AR3D-R1's fine level on the exact verdict: per requested object, the share of its colour, "
+                       "shape and size (if asked) that the best same-colour detection has", world="solid",
+                       modality="multiview"),
+        RewardFunction("solid-learned", solid_learned, True,
+                       "differentiable: a small multi-view CNN's prediction of the exact SolidWorld criteria (the "
+                       "Reward3D analogue)", world="solid", modality="multiview"),
     ]
 }
 
