@@ -393,9 +393,10 @@ def test_shipped_solid_reward_prefers_the_prompt_it_was_asked_for() -> None:
 def test_dreamreward_pieces_by_hand() -> None:
     from reference_impls.algorithms.dreamreward import hinge_reward_loss, magnitude_match, scored_views
 
-    assert magnitude_match(350.0, 0.4) == pytest.approx(1e3)  # 10^(2 - (-1))
-    assert magnitude_match(5.0, 0.5) == pytest.approx(10.0)
-    assert magnitude_match(5.0, 0.0) == 0.0
+    assert magnitude_match(350.0, 0.4) == pytest.approx(100.0)  # 10^(3 digits - 1 digit)
+    assert magnitude_match(5.0, 0.5) == pytest.approx(1.0)
+    assert magnitude_match(12345.0, 23.0) == pytest.approx(1000.0)
+    assert magnitude_match(350.0, 0.4) == magnitude_match(350.0, 0.004)  # no growth as the hinge closes
     assert float(hinge_reward_loss(torch.tensor([0.25, 1.2]), margin=1.0)) == pytest.approx(0.75 / 2)
     x = torch.tensor([[0.2, -0.4]], requires_grad=True)
     x0_hat = torch.tensor([[0.6, 0.0]])

@@ -18,8 +18,9 @@ a hinge that pushes the learned reward $\hat r_\phi$ up to the margin $m$. As in
 * it scores the generator's one-step denoised estimate when the noise level is small, passing the
   gradient straight through to the render: $\tilde x = x - \mathrm{sg}(x - \hat x_0)$ (the value is
   $\hat x_0$, the gradient is the render's); otherwise the render itself, $\tilde x = x$;
-* $\lambda$ matches the two losses' orders of magnitude, $\lambda = \kappa\cdot 10^{\lfloor\log_{10}
-  \mathcal L_\text{SDS}\rfloor - \lfloor\log_{10}\mathcal L_\text{reward}\rfloor}$ with $\kappa = 0.6$;
+* $\lambda$ matches the two losses' orders of magnitude, $\lambda = \kappa\cdot 10^{d(\mathcal L_\text{SDS})
+  - d(\mathcal L_\text{reward})}$ with $d$ the number of digits of a loss's integer part (1 for any loss
+  below 10) and $\kappa = 0.6$;
 * the last 2% of the steps optimise the reward alone.
 
 Here the generator is ``solid-mv-flow``, the field is the voxel grid of
@@ -84,14 +85,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # --8<-- [start:loss]
-def magnitude_match(sds_loss: float, reward_loss: float) -> float:
-    """10^(floor(log10 L_sds) - floor(log10 L_reward)): puts the reward loss on SDS's order of magnitude.
+def integer_digits(value: float) -> int:
+    """Digits of the integer part of a non-negative number: 1 below 10 (0.3 and 7 alike), 3 for 512.4."""
+    return 1 if value < 10 else math.floor(math.log10(value)) + 1
 
-    0 when either loss is 0 (nothing to match, or the hinge is inactive).
+
+def magnitude_match(sds_loss: float, reward_loss: float) -> float:
+    """10^(digits(L_sds) - digits(L_reward)), digits counted on the integer parts as the authors' code does.
+
+    A reward loss below 1 counts as one digit, so the weight does not grow as the hinge closes.
     """
-    if sds_loss <= 0 or reward_loss <= 0:
-        return 0.0
-    return 10.0 ** (math.floor(math.log10(sds_loss)) - math.floor(math.log10(reward_loss)))
+    return 10.0 ** (integer_digits(sds_loss) - integer_digits(reward_loss))
 
 
 def scored_views(x: torch.Tensor, x0_hat: torch.Tensor, use_estimate: bool) -> torch.Tensor:
@@ -136,7 +140,7 @@ class DreamReward(FieldMethod):
             rewards = self.reward(views, [self.prompt])
             reward_loss = hinge_reward_loss(rewards, config.reward_margin)
             # 3. lambda = kappa 10^(orders of magnitude between the losses); the last steps: the reward alone.
-            weight = config.reward_weight * magnitude_match(float(sds_loss), float(reward_loss))
+            weight = config.reward_weight * magnitude_match(float(sds_loss.detach()), float(reward_loss.detach()))
             loss = weight * reward_loss if reward_only else sds_loss + weight * reward_loss
             metrics.update(reward_mean=float(rewards.mean()), reward_loss=float(reward_loss.detach()),
                            reward_weight=weight)
