@@ -58,28 +58,44 @@ def run_one(method: str, prompt: str, seed: int, out: Path, settings: dict, reus
     """Fit one field (with ``sds``: the method's plain-SDS baseline); returns its record (initial and final
     verdict, wall time), cached as JSON."""
     path = out / method / f"seed{seed}" / f"{_slug(prompt)}.json"
-    if reuse and path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
     cls = METHODS[method]
     settings = {**settings, **(cls.sds_settings if sds else {})}
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", "prompts": prompt, "seed": seed,
                                                            "threads": 1, **settings})
+    run_dir = out / "runs" / method / f"seed{seed}-{'sds' if sds else 'method'}" / _slug(prompt)
+    if reuse and path.exists():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "reward" not in record and (run_dir / "final" / "field.safetensors").exists():  # older records
+            record.update(reward_name=config.reward, reward=final_reward(run_dir / "final", config, prompt))
+        return record
     torch.manual_seed(seed)
     started = time.perf_counter()
-    run_dir = out / "runs" / method / f"seed{seed}-{'sds' if sds else 'method'}" \
-        / _slug(prompt)
     records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config), run_dir,
                     resume=run_dir.exists(), progress=False)
     verdict = json.loads((run_dir / "final" / "verdict.json").read_text(encoding="utf-8"))
     record = {"prompt": prompt, "task": as_solid_spec(prompt).task, "seed": seed,
               "score_before": records[0]["eval_score"], "correct_before": records[0]["eval_correct"],
               "score": verdict["score"], "correct": float(verdict["correct"]), "criteria": verdict["criteria"],
+              "reward_name": config.reward, "reward": final_reward(run_dir / "final", config, prompt),
               "minutes": round((time.perf_counter() - started) / 60, 2)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record), encoding="utf-8")
     tmp.replace(path)
     return record
+
+
+def final_reward(final: Path, config, prompt: str) -> float:  # noqa: ANN001 - the method's FieldConfig
+    """The method's own reward (the one it ranks or ascends) of the final field's four renders."""
+    from safetensors.torch import load_file
+
+    from reference_impls.models.voxel_field import VoxelField, VoxelFieldConfig
+
+    field = VoxelField(VoxelFieldConfig(resolution=config.resolution, samples_per_ray=config.samples_per_ray))
+    field.load_state_dict(load_file(str(final / "field.safetensors")))
+    with torch.no_grad():
+        views = field.render().permute(1, 0, 2, 3).unsqueeze(0)
+    return float(get_reward(config.reward)(views, [prompt])[0])
 
 
 def summarise(method: str, prompts: list[str], seeds: list[int], baseline: list[dict], trained: list[dict]) -> dict:
@@ -96,6 +112,11 @@ def summarise(method: str, prompts: list[str], seeds: list[int], baseline: list[
         gain = bootstrap_interval(np.zeros(len(prompts)), ours - sds, tasks)
         row[key] = {"before": float(before), "sds": float(sds.mean()), "method": float(ours.mean()),
                     "gain_over_sds": gain.diff, "ci95": [gain.low, gain.high]}
+    if all("reward" in r for r in baseline + trained):  # what the method optimises, on the same renders
+        sds, ours = matrix(baseline, "reward"), matrix(trained, "reward")
+        gain = bootstrap_interval(np.zeros(len(prompts)), ours - sds, tasks)
+        row["reward"] = {"name": trained[0]["reward_name"], "sds": float(sds.mean()), "method": float(ours.mean()),
+                         "gain_over_sds": gain.diff, "ci95": [gain.low, gain.high]}
     row["minutes_per_field"] = float(np.mean([r["minutes"] for r in trained]))
     return row
 

@@ -184,12 +184,15 @@ def _solid_section() -> str:
                 "| minutes / field |")
     text.append("|---|---|---|---|---|---|---|---|---|")
     for name, row in field_rows.items():
-        for key, label in (("correct", "accuracy"), ("score", "matched score")):
+        criteria = [("correct", "accuracy"), ("score", "matched score")]
+        if row.get("reward") and row["reward"]["name"] != "solid-composition":  # a proxy: show it beside the truth
+            criteria.append(("reward", f"its reward, `{row['reward']['name']}`"))
+        for key, label in criteria:
             cell = row[key]
             interval = {"diff": cell["gain_over_sds"], "ci_low": cell["ci95"][0], "ci_high": cell["ci95"][1],
                         "significant": cell["ci95"][0] > 0 or cell["ci95"][1] < 0}
             text.append(f"| [{name}](methods/{_bib_key(name)}.md) | {row['prompts']} x {len(row['seeds'])} | {label} "
-                        f"| {_fmt(cell['before'])} | {_fmt(cell['sds'])} | {_fmt(cell['method'])} | {_gain(interval)} "
+                        f"| {_fmt(cell.get('before', '–'))} | {_fmt(cell['sds'])} | {_fmt(cell['method'])} | {_gain(interval)} "
                         f"| {_verdict(interval)} | {_fmt(row['minutes_per_field'], 1)} |")
     commands = "; ".join(f"`{row.get('command', 'python -m benchmarks.field_table ' + name)}`"
                          for name, row in field_rows.items())
