@@ -142,7 +142,7 @@ class DreamReward(FieldMethod):
             # 3. lambda = kappa 10^(orders of magnitude between the losses); the last steps: the reward alone.
             weight = config.reward_weight * magnitude_match(float(sds_loss.detach()), float(reward_loss.detach()))
             loss = weight * reward_loss if reward_only else sds_loss + weight * reward_loss
-            metrics.update(reward_mean=float(rewards.mean()), reward_loss=float(reward_loss.detach()),
+            metrics.update(reward_mean=float(rewards.detach().mean()), reward_loss=float(reward_loss.detach()),
                            reward_weight=weight)
         norm = self.step_field(loss + self.sparsity())
         # --8<-- [end:train_step]
