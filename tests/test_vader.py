@@ -62,3 +62,19 @@ def test_vader_refuses_an_image_model_and_a_reward_without_gradient(checkpoints)
         cls(policy=load_policy(config.model), reward=_brightness(), config=config)
     with pytest.raises(ValueError, match="differentiable rewards: .*motion-learned"):
         cls(policy=load_policy(str(checkpoints["video"])), reward=get_reward("motion-composition"), config=config)
+
+
+def test_motion_reward_training_writes_a_loadable_checkpoint(tmp_path) -> None:
+    from reference_impls.rewards.learned_motion import (
+        MotionRewardNetConfig,
+        MotionRewardTrainConfig,
+        load_motion_reward_net,
+        train_motion_reward,
+    )
+
+    config = MotionRewardTrainConfig(clips=16, heldout_clips=8, steps=3, batch_size=4)
+    network = MotionRewardNetConfig(widths=(4, 4, 4, 4), prompt_hidden=8, head_hidden=8)
+    provenance = train_motion_reward(tmp_path / "reward", config, network, command="test", progress=False)
+    assert provenance["quality"]["heldout"]["n"] == 8 and len(provenance["quality"]) == 2
+    assert not (tmp_path / "reward.partial").exists()
+    assert load_motion_reward_net(str(tmp_path / "reward")).config.widths == (4, 4, 4, 4)

@@ -36,6 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from reference_impls.rewards.criteria_training import (
+    criteria_quality,
+    fit_criteria_net,
+    predicted_score,
+    write_reward_checkpoint,
+)
 from reference_impls.worlds.grammar import COLOURS, SHAPES
 from reference_impls.worlds.motion import (
     CRITERIA,
@@ -124,9 +130,6 @@ class MotionRewardNet(nn.Module):
         return self.head(torch.cat([pooled, e], dim=1))
 
 
-def predicted_score(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The learned reward: mean over the prompt's criteria of P(criterion holds), (B,)."""
-    return (torch.sigmoid(logits) * mask).sum(dim=1) / mask.sum(dim=1)
 # --8<-- [end:network]
 
 
@@ -232,22 +235,9 @@ def _dataset(split: str, n: int, seed: int):  # noqa: ANN202
     return x, motion_prompt_features(prompts), targets, mask, scores
 
 
-def _quality(net: MotionRewardNet, x: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
-             mask: torch.Tensor, scores: torch.Tensor) -> dict[str, float]:
-    with torch.no_grad():
-        logits = torch.cat([net(x[i : i + 256].float() / 255, features[i : i + 256]) for i in range(0, len(x), 256)])
-    predicted = predicted_score(logits, mask)
-    hits = ((logits > 0).float() == targets).float() * mask
-    return {"n": float(len(x)), "pearson_r": float(torch.corrcoef(torch.stack([predicted, scores]))[0, 1]),
-            "mae": float((predicted - scores).abs().mean()), "criterion_accuracy": float(hits.sum() / mask.sum()),
-            "exact_score_mean": float(scores.mean()), "predicted_score_mean": float(predicted.mean())}
-
-
 def train_motion_reward(out_dir: str | Path, config: MotionRewardTrainConfig | None = None,
                         network: MotionRewardNetConfig | None = None, command: str = "", progress: bool = True) -> dict:
     """Generate labelled clips, train the network deterministically, write it with its provenance."""
-    from safetensors.torch import save_file
-
     config = config or MotionRewardTrainConfig()
     network = network or MotionRewardNetConfig()
     start = time.perf_counter()
@@ -256,49 +246,20 @@ def train_motion_reward(out_dir: str | Path, config: MotionRewardTrainConfig | N
     hx, hfeatures, htargets, hmask, hscores = _dataset("heldout", config.heldout_clips, config.seed + 100)
     data_s = time.perf_counter() - start
     net = MotionRewardNet(network)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, config.steps) / config.steps)))
-    generator = torch.Generator().manual_seed(config.seed)
-    iterator = range(config.steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="motion-reward", unit="step")
-    losses = []
-    for _ in iterator:
-        rows = torch.randint(0, len(x), (config.batch_size,), generator=generator)
-        logits = net(x[rows].float() / 255, features[rows])
-        loss = (nn.functional.binary_cross_entropy_with_logits(logits, targets[rows], reduction="none")
-                * mask[rows]).sum() / mask[rows].sum()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-    net.eval()
-    out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(partial / WEIGHTS_FILE))
-    (partial / WEIGHTS_FILE).chmod(0o644)
-    (partial / CONFIG_FILE).write_text(json.dumps({"network": asdict(network), "criteria": list(CRITERIA),
-                                                   "prompt_features": PROMPT_FEATURES}, indent=2), encoding="utf-8")
+    losses = fit_criteria_net(net, x, features, targets, mask, steps=config.steps, batch_size=config.batch_size,
+                              learning_rate=config.learning_rate, seed=config.seed, desc="motion-reward",
+                              progress=progress)
     provenance = {
         "command": command, "config": asdict(config), "network": asdict(network),
         "parameters": sum(p.numel() for p in net.parameters()),
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
-        "quality": {"train": _quality(net, x, features, targets, mask, scores),
-                    "heldout": _quality(net, hx, hfeatures, htargets, hmask, hscores)},
+        "quality": {"train": criteria_quality(net, x, features, targets, mask, scores),
+                    "heldout": criteria_quality(net, hx, hfeatures, htargets, hmask, hscores)},
         "data_seconds": round(data_s, 1), "minutes": round((time.perf_counter() - start) / 60, 2),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    (partial / "provenance.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    partial.rename(out)
+    meta = {"network": asdict(network), "criteria": list(CRITERIA), "prompt_features": PROMPT_FEATURES}
+    write_reward_checkpoint(out_dir, net, meta, provenance, WEIGHTS_FILE, CONFIG_FILE)
     load_motion_reward_net.cache_clear()
     return provenance
 
