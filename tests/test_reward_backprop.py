@@ -278,3 +278,20 @@ def test_chain_kl_is_zero_for_the_same_model_and_quadratic_in_a_first_step_chang
             moved.denoiser.w[0] += d
         kls.append(chain_kl(moved, base, prompts, T))
     assert kls[0] > 0 and kls[1] == pytest.approx(4 * kls[0], rel=1e-4)
+
+
+def test_shapes_reward_training_writes_its_checkpoint_atomically(tmp_path) -> None:
+    from reference_impls.rewards.learned import (
+        RewardNetConfig,
+        RewardTrainConfig,
+        load_reward_net,
+        train_composition_reward,
+    )
+
+    config = RewardTrainConfig(synthetic=16, model_samples=0, heldout_synthetic=8, heldout_model_samples=0,
+                               steps=2, batch_size=4)
+    network = RewardNetConfig(widths=(4, 4, 4, 4), prompt_hidden=8, head_hidden=8)
+    provenance = train_composition_reward(tmp_path / "reward", config, network, command="test", progress=False)
+    assert provenance["quality"]["heldout"]["n"] == 8
+    assert not (tmp_path / "reward.partial").exists()
+    assert load_reward_net(str(tmp_path / "reward")).config.widths == (4, 4, 4, 4)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from reference_impls.rewards.criteria_training import write_reward_checkpoint
 from reference_impls.worlds import (
     COLOURS,
     CRITERIA,
@@ -395,7 +396,6 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
                              network: RewardNetConfig | None = None, command: str = "",
                              progress: bool = True) -> dict:
     """Generate labelled data, train the reward network deterministically, write it with its provenance."""
-    from safetensors.torch import save_file
 
     config = config or RewardTrainConfig()
     network = network or RewardNetConfig()
@@ -445,12 +445,6 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
     if model_rows.any():
         report["heldout_model_samples"] = _quality(net, hx[model_rows], hfeatures[model_rows], htargets[model_rows],
                                                    hmask[model_rows], hscores[model_rows])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / WEIGHTS_FILE).chmod(0o644)
-    (out / CONFIG_FILE).write_text(json.dumps({"network": asdict(network), "criteria": list(CRITERIA),
-                                               "prompt_features": PROMPT_FEATURES}, indent=2), encoding="utf-8")
     provenance = {
         "command": command,
         "config": asdict(config),
@@ -466,7 +460,8 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+    meta = {"network": asdict(network), "criteria": list(CRITERIA), "prompt_features": PROMPT_FEATURES}
+    write_reward_checkpoint(out_dir, net, meta, provenance, WEIGHTS_FILE, CONFIG_FILE)
     load_reward_net.cache_clear()
     return provenance
 
