@@ -396,7 +396,6 @@ def train_composition_reward(out_dir: str | Path, config: RewardTrainConfig | No
                              network: RewardNetConfig | None = None, command: str = "",
                              progress: bool = True) -> dict:
     """Generate labelled data, train the reward network deterministically, write it with its provenance."""
-
     config = config or RewardTrainConfig()
     network = network or RewardNetConfig()
 
