@@ -453,3 +453,14 @@ def test_solid_reward_training_writes_a_loadable_checkpoint_with_provenance(tmp_
     # The data are deterministic in the seed.
     prompts = ["a red cube", "a blue cone next to a green sphere"]
     assert np.array_equal(synthetic_views(prompts, seed=4), synthetic_views(prompts, seed=4))
+
+
+def test_dreamreward_smoke_raises_its_learned_reward(tmp_path: Path) -> None:
+    cls = get_method("dreamreward")
+    config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "prompts": "a red cube", "eval_every": 0,
+                                                           "threads": 1})
+    records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config),
+                    tmp_path / "run", progress=False)
+    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    assert len(rewards) >= 20 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+    assert (tmp_path / "run" / "final" / "turntable.gif").exists()
