@@ -38,7 +38,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                             seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
                             stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every,
                             time_shift=args.time_shift, world=args.world, frames=args.frames,
-                            inflate_from=args.inflate_from or f"shapes-{args.model}")
+                            inflate_from=args.inflate_from or f"shapes-{args.model}",
+                            text_encoder_from=args.text_encoder_from)
     from reference_impls.worlds.registry import get_world
 
     prompt_split = get_world(args.world).prompt_split
@@ -65,7 +66,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             model_config = _saved_model_config(resolve_model_dir(config.inflate_from))
         except ModelNotFoundError as error:
             raise UsageError(f"--inflate-from: {error}") from None
-    if args.init_from:  # a continuation keeps the architecture of the checkpoint it starts from
+    if args.text_encoder_from:
+        from reference_impls.models.text_pretrain import TEXT_CONFIG
+
+        folder = Path(args.text_encoder_from)
+        if args.world != "shapes":
+            raise UsageError("--text-encoder-from applies to --world shapes only")
+        if not (folder / TEXT_CONFIG).is_file():
+            raise UsageError(f"--text-encoder-from {folder}: not a text encoder folder (no {TEXT_CONFIG}); make one "
+                             "with python -m reference_impls.models.text_pretrain --out DIR")
+        saved = json.loads((folder / TEXT_CONFIG).read_text(encoding="utf-8"))
+        model_config = TinyModelConfig(**{**saved, "block_out_channels": tuple(saved["block_out_channels"]),
+                                          "coordinate_channels": args.coordinate_channels})
+    elif args.init_from:  # a continuation keeps the architecture of the checkpoint it starts from
         model_config = _saved_model_config(Path(args.init_from))
         if args.coordinate_channels and not model_config.coordinate_channels:
             raise UsageError(f"--coordinate-channels: {args.init_from} was made without them; "
@@ -403,8 +416,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-shift", type=float, default=1.0,
                    help="flow models: SD3-style shift of the noise-level draw (>1 trains more on high noise)")
     p.add_argument("--coordinate-channels", action="store_true",
-                   help="give the UNet x/y coordinate input channels (a new architecture: not with --init-from "
-                        "of a checkpoint made without them)")
+                   help="give the UNet x/y coordinate input channels (a new architecture: with --init-from only "
+                        "together with --text-encoder-from, which starts them at zero)")
+    p.add_argument("--text-encoder-from", default=None,
+                   help="condition on this frozen, separately pretrained t5 encoder (python -m "
+                        "reference_impls.models.text_pretrain --out DIR) and train the UNet only")
     p.add_argument("--save-every", type=int, default=None,
                    help="write the weight average to --out every N steps (atomically)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")

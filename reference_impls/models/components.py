@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from reference_impls.models.tokenizer import WordTokenizer
 
@@ -30,6 +30,13 @@ class TinyModelConfig:
     convolutions and the position-free attention otherwise know direction only through the image border,
     and "left of" must be learned from that (the shipped models, made without them, place related objects
     at random)."""
+    text_encoder: str = "clip"
+    """clip: a causal CLIP text transformer trained together with the UNet (the first shipped models); t5: a
+    bidirectional T5 encoder, as SD3 and FLUX use, pretrained on its own and frozen (``text_pretrain``). A
+    causal encoder cannot tell the first object's words which side the later relation word puts them on."""
+
+
+TEXT_ENCODERS = ("clip", "t5")
 
 
 def coordinate_maps(like: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,25 @@ def build_unet(config: TinyModelConfig) -> UNet2DConditionModel:
     )
 
 
-def build_text_encoder(config: TinyModelConfig, tokenizer: WordTokenizer) -> CLIPTextModel:
+def build_text_encoder(config: TinyModelConfig, tokenizer: WordTokenizer) -> CLIPTextModel | T5EncoderModel:
+    if config.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text encoder {config.text_encoder!r}; valid: {', '.join(TEXT_ENCODERS)}")
+    if config.text_encoder == "t5":
+        return T5EncoderModel(T5Config(
+            vocab_size=tokenizer.vocab_size,
+            d_model=config.text_hidden_size,
+            d_kv=config.text_hidden_size // 4,
+            d_ff=2 * config.text_hidden_size,
+            num_layers=config.text_layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=config.max_tokens,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        ))
     text_config = CLIPTextConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=config.text_hidden_size,

@@ -10,7 +10,9 @@ Objective (per batch of train-split prompts c and renders x0 in [-1, 1]):
   (rectified flow / flow matching; Liu et al., 2023; Lipman et al., 2023)
 
 Prompts are dropped to "" with probability ``cfg_dropout`` so classifier-free guidance works. The text
-encoder trains jointly. An exponential moving average of the weights is what gets saved.
+encoder trains jointly, unless ``text_encoder_from`` names a separately pretrained one
+(:mod:`reference_impls.models.text_pretrain`), which stays frozen as in SD3 or FLUX. An exponential moving
+average of the trained weights is what gets saved.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class PretrainConfig:
     frames: int = 8
     """Motion world: frames per training clip (and of the model's samples). The solid world ignores it:
     its samples have one view per camera."""
+    text_encoder_from: str | None = None
+    """Shapes world: condition on this frozen, separately pretrained text encoder (a ``text_pretrain`` folder)
+    and train the UNet only. With ``init_from``, only the UNet's weights are taken from that checkpoint."""
 
 
 WORLDS = ("shapes", "motion", "solid")
@@ -126,7 +131,7 @@ def _write_snapshot(policy: GenerativePolicy, modules: torch.nn.ModuleList, ema:
     modules.load_state_dict(ema.state_dict())
     provenance = {"command": command, "config": asdict(config), "model_config": asdict(model_config),
                   "steps_done": steps_done, "snapshot": True,
-                  "final_loss_mean_last_100": float(np.mean(losses[-100:])), "commit": _git_commit()}
+                  "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None, "commit": _git_commit()}
     write_checkpoint_atomically(policy, out_dir, model_config, provenance)
     modules.load_state_dict(live)
 
@@ -154,8 +159,12 @@ def _loss(policy: GenerativePolicy, x0: torch.Tensor, prompts: list[str], genera
     return torch.mean((policy.predict(x_s, s * 1000, cond) - (noise - x0)) ** 2)
 
 
-def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str) -> None:
-    """Copy a checkpoint's denoiser and text-encoder weights into a freshly built policy (safetensors)."""
+def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str, unet_only: bool = False) -> None:
+    """Copy a checkpoint's denoiser and text-encoder weights into a freshly built policy (safetensors).
+
+    ``unet_only``: keep the policy's own text encoder. If the policy's UNet takes coordinate channels and
+    the checkpoint's does not, their input weights start at zero, so the copy computes what the checkpoint
+    did until training moves them."""
     from reference_impls.models.shapes_model import MODEL_FILE, load_shapes_policy
 
     meta = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
@@ -166,8 +175,27 @@ def _load_weights_into(policy: GenerativePolicy, folder: Path, kind: str) -> Non
         raise ValueError(f"--init-from {folder} holds a {meta['kind']} model with network "
                          f"{meta.get('network', 'native')!r}; pretraining needs a native {kind} checkpoint")
     source = load_shapes_policy(folder)
-    policy.denoiser.load_state_dict(source.denoiser.state_dict())
-    policy.text_encoder.text_encoder.load_state_dict(source.text_encoder.text_encoder.state_dict())
+    state = source.denoiser.state_dict()
+    target_in = policy.denoiser.conv_in.weight
+    if state["conv_in.weight"].shape[1] < target_in.shape[1]:
+        padded = torch.zeros_like(target_in)
+        padded[:, : state["conv_in.weight"].shape[1]] = state["conv_in.weight"]
+        state["conv_in.weight"] = padded
+    policy.denoiser.load_state_dict(state)
+    if not unet_only:
+        policy.text_encoder.text_encoder.load_state_dict(source.text_encoder.text_encoder.state_dict())
+
+
+def _use_frozen_text_encoder(policy: GenerativePolicy, folder: Path, model_config: TinyModelConfig) -> None:
+    """Swap in a ``text_pretrain`` folder's encoder and tokenizer, frozen."""
+    from reference_impls.models.shapes_model import load_text_encoder
+    from reference_impls.models.tokenizer import WordTokenizer
+
+    if model_config.text_encoder != "t5":
+        raise ValueError(f"--text-encoder-from {folder}: the model config must name the t5 encoder")
+    conditioner = policy.text_encoder
+    conditioner.tokenizer = WordTokenizer.from_pretrained(folder / "tokenizer")
+    conditioner.text_encoder = load_text_encoder(folder / "text_encoder", "t5").eval().requires_grad_(False)
 
 
 def _inflated_start(config: PretrainConfig, model_config: TinyModelConfig) -> GenerativePolicy:
@@ -211,9 +239,12 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
         policy = _inflated_start(config, model_config)
     else:
         policy = build_shapes_policy(config.kind, model_config, seed=config.seed)
+    if config.text_encoder_from:
+        _use_frozen_text_encoder(policy, Path(config.text_encoder_from), model_config)
     if config.init_from:
-        _load_weights_into(policy, Path(config.init_from), config.kind)
-    modules = torch.nn.ModuleList([policy.denoiser, policy.text_encoder.text_encoder])
+        _load_weights_into(policy, Path(config.init_from), config.kind, unet_only=bool(config.text_encoder_from))
+    trained = [policy.denoiser] if config.text_encoder_from else [policy.denoiser, policy.text_encoder.text_encoder]
+    modules = torch.nn.ModuleList(trained)
     modules.train()
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.learning_rate, weight_decay=1e-4)
@@ -273,7 +304,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
         "model_config": asdict(model_config),
         "steps_done": steps_done,
         "minutes": round(minutes, 2),
-        "final_loss_mean_last_100": float(np.mean(losses[-100:])),
+        "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
         "commit": _git_commit(),
         "torch": torch.__version__,
         "parameters_denoiser": sum(p.numel() for p in policy.denoiser.parameters()),

@@ -4,7 +4,7 @@ Layout of a checkpoint folder (every weight file is safetensors; nothing is unpi
 
     rlvg_model.json      kind (diffusion|flow), prediction, world, sizes
     unet/                diffusers UNet2DConditionModel.save_pretrained
-    text_encoder/        transformers CLIPTextModel.save_pretrained
+    text_encoder/        transformers CLIPTextModel or T5EncoderModel .save_pretrained (config.text_encoder)
     tokenizer/vocab.json the word-level vocabulary
     scheduler/           diffusers scheduler config
     provenance.json      how it was made (command, seed, commit, minutes, evaluator scores)
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from reference_impls.models.components import (
     TinyModelConfig,
@@ -66,9 +66,9 @@ VOCABULARIES = {"motion": motion_vocabulary, "solid": solid_vocabulary}
 
 
 class TextConditioner(torch.nn.Module):
-    """Tokenizer + frozen-or-trainable CLIP text encoder -> cross-attention features."""
+    """Tokenizer + frozen-or-trainable text encoder (CLIP or T5) -> cross-attention features."""
 
-    def __init__(self, tokenizer: WordTokenizer, text_encoder: CLIPTextModel) -> None:
+    def __init__(self, tokenizer: WordTokenizer, text_encoder: CLIPTextModel | T5EncoderModel) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -76,7 +76,12 @@ class TextConditioner(torch.nn.Module):
     def forward(self, prompts: list[str]) -> Conditioning:
         device = next(self.text_encoder.parameters()).device
         tokens = self.tokenizer(prompts)
-        output = self.text_encoder(input_ids=tokens["input_ids"].to(device))
+        if isinstance(self.text_encoder, T5EncoderModel):
+            # Bidirectional: padding is masked out so a word's state does not depend on the prompt's length.
+            output = self.text_encoder(input_ids=tokens["input_ids"].to(device),
+                                       attention_mask=tokens["attention_mask"].to(device))
+        else:  # the shipped CLIP encoders were trained without a padding mask; keep them as they were made
+            output = self.text_encoder(input_ids=tokens["input_ids"].to(device))
         return Conditioning(output.last_hidden_state)
 
 
@@ -170,6 +175,12 @@ def save_shapes_policy(policy: GenerativePolicy, directory: str | Path, config: 
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
+def load_text_encoder(folder: Path, kind: str) -> CLIPTextModel | T5EncoderModel:
+    """A saved text encoder of ``kind`` (clip or t5), from safetensors."""
+    cls = T5EncoderModel if kind == "t5" else CLIPTextModel
+    return cls.from_pretrained(folder, use_safetensors=True)
+
+
 def load_shapes_policy(directory: str | Path, name: str | None = None) -> GenerativePolicy:
     directory = Path(directory)
     meta = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))
@@ -181,7 +192,7 @@ def load_shapes_policy(directory: str | Path, name: str | None = None) -> Genera
     frames = meta.get(AXIS_KEY[world]) if world in AXIS_KEY else None
     unet_class = UNet2DConditionModel if frames is None else InflatedVideoUNet
     unet = unet_class.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
-    text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
+    text_encoder = load_text_encoder(directory / "text_encoder", config.text_encoder)
     tokenizer = WordTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_cls = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDPMScheduler
     scheduler = scheduler_cls.from_pretrained(directory / "scheduler")
