@@ -111,3 +111,94 @@ def test_a_method_trains_on_pickscore_from_the_command_line(clip_folder: Path, t
                  "--eval-prompts", "2", "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 0
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def _random_open_clip_state(width: int = 32, text_width: int = 24, layers: int = 2, patch: int = 8,
+                            image_size: int = 32, embed: int = 16, vocab: int = 0, context: int = 77) -> dict:
+    """A random state dict in open_clip's ViT layout (the names its VisionTransformer, TextTransformer and
+    ResidualAttentionBlock give their parameters)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
+             "visual.positional_embedding": r((image_size // patch) ** 2 + 1, width),
+             "visual.ln_pre.weight": 1 + r(width), "visual.ln_pre.bias": r(width),
+             "visual.ln_post.weight": 1 + r(width), "visual.ln_post.bias": r(width), "visual.proj": r(width, embed),
+             "token_embedding.weight": r(vocab, text_width), "positional_embedding": r(context, text_width),
+             "ln_final.weight": 1 + r(text_width), "ln_final.bias": r(text_width),
+             "text_projection": r(text_width, embed), "logit_scale": torch.tensor(4.6)}
+    for prefix, w in (("visual.transformer", width), ("transformer", text_width)):
+        for i in range(layers):
+            b = f"{prefix}.resblocks.{i}"
+            state.update({f"{b}.ln_1.weight": 1 + r(w), f"{b}.ln_1.bias": r(w), f"{b}.ln_2.weight": 1 + r(w),
+                          f"{b}.ln_2.bias": r(w), f"{b}.attn.in_proj_weight": r(3 * w, w), f"{b}.attn.in_proj_bias": r(3 * w),
+                          f"{b}.attn.out_proj.weight": r(w, w), f"{b}.attn.out_proj.bias": r(w),
+                          f"{b}.mlp.c_fc.weight": r(4 * w, w), f"{b}.mlp.c_fc.bias": r(4 * w),
+                          f"{b}.mlp.c_proj.weight": r(w, 4 * w), f"{b}.mlp.c_proj.bias": r(w)})
+    return state
+
+
+def _open_clip_reference(state: dict, images: torch.Tensor, ids: torch.Tensor, eos: torch.Tensor, heads: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's forward written out with torch's own nn.MultiheadAttention (what its blocks use)."""
+
+    def tower(x: torch.Tensor, prefix: str, mask: torch.Tensor | None) -> torch.Tensor:
+        i = 0
+        while f"{prefix}.resblocks.{i}.ln_1.weight" in state:
+            b = f"{prefix}.resblocks.{i}"
+            w = x.shape[-1]
+            attention = torch.nn.MultiheadAttention(w, heads, batch_first=True)
+            attention.load_state_dict({"in_proj_weight": state[f"{b}.attn.in_proj_weight"],
+                                       "in_proj_bias": state[f"{b}.attn.in_proj_bias"],
+                                       "out_proj.weight": state[f"{b}.attn.out_proj.weight"],
+                                       "out_proj.bias": state[f"{b}.attn.out_proj.bias"]})
+            h = F.layer_norm(x, (w,), state[f"{b}.ln_1.weight"], state[f"{b}.ln_1.bias"])
+            x = x + attention(h, h, h, need_weights=False, attn_mask=mask)[0]
+            h = F.layer_norm(x, (w,), state[f"{b}.ln_2.weight"], state[f"{b}.ln_2.bias"])
+            h = F.gelu(F.linear(h, state[f"{b}.mlp.c_fc.weight"], state[f"{b}.mlp.c_fc.bias"]))
+            x = x + F.linear(h, state[f"{b}.mlp.c_proj.weight"], state[f"{b}.mlp.c_proj.bias"])
+            i += 1
+        return x
+
+    patches = F.conv2d(images, state["visual.conv1.weight"], stride=state["visual.conv1.weight"].shape[-1])
+    x = patches.flatten(2).transpose(1, 2)
+    x = torch.cat([state["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
+    x = x + state["visual.positional_embedding"]
+    w = x.shape[-1]
+    x = tower(F.layer_norm(x, (w,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"]), "visual.transformer", None)
+    image = F.layer_norm(x[:, 0], (w,), state["visual.ln_post.weight"], state["visual.ln_post.bias"]) @ state["visual.proj"]
+    t = state["token_embedding.weight"][ids] + state["positional_embedding"][: ids.shape[1]]
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    t = tower(t, "transformer", causal)
+    tw = t.shape[-1]
+    t = F.layer_norm(t, (tw,), state["ln_final.weight"], state["ln_final.bias"])
+    text = t[torch.arange(ids.shape[0]), eos] @ state["text_projection"]  # the end-of-text token's state
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def test_hpsv2_converts_an_open_clip_checkpoint_and_scores_its_cosine(clip_folder: Path, tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    from reference_impls.rewards.pretrained import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, convert_open_clip
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_folder))
+    state = _random_open_clip_state(vocab=len(tokenizer), context=tokenizer.model_max_length)
+    checkpoint = tmp_path / "hpsv2.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, checkpoint)  # as released (DDP)
+    folder = convert_open_clip(checkpoint, tmp_path / "hpsv2", tokenizer_from=clip_folder, vision_heads=4, text_heads=4)
+    reward = get_reward("hpsv2", str(folder))
+    images = _images(size=32).requires_grad_(True)
+    scores = reward(images, PROMPTS)
+    tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    eos = (tokens["input_ids"] == tokenizer.eos_token_id).int().argmax(dim=1)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        image_ref, text_ref = _open_clip_reference(state, (images - mean) / std, tokens["input_ids"], eos, heads=4)
+    assert scores.detach() == pytest.approx((image_ref * text_ref).sum(-1), abs=1e-5)
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(PretrainedRewardError, match="not an open_clip ViT state dict"):
+        torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pt")
+        convert_open_clip(tmp_path / "other.pt", tmp_path / "x", tokenizer_from=clip_folder)

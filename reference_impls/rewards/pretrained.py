@@ -8,9 +8,14 @@
   head as ``aesthetic_head.safetensors``; :func:`convert_aesthetic_head` makes that file from the
   released ``.pth`` state dict (read with ``weights_only=True``: no pickled code runs).
 
-Both are differentiable: the images are resized, cropped and normalised with torch operations (the
+* ``hpsv2``: HPSv2 (Wu et al., 2023), an open_clip ViT-H-14 fine-tuned on human preference choices. The
+  reward is the cosine of the normalised image and text embeddings, as the authors' scorer computes it.
+  The release is an open_clip state dict; :func:`convert_open_clip` rewrites it once as a ``CLIPModel``
+  folder (safetensors, tensors read with ``weights_only=True``), which is what ``--reward-model`` takes.
+
+All are differentiable: the images are resized, cropped and normalised with torch operations (the
 folder's image-processor settings), so reward-backprop methods can use them. A clip (B, 3, F, H, W) is
-scored frame by frame and averaged. HPSv2 needs open_clip's checkpoint format and is not built.
+scored frame by frame and averaged.
 """
 
 from __future__ import annotations
@@ -169,8 +174,123 @@ def load_aesthetic(folder: str | Path) -> RewardFunction:
                           modality="any")
 
 
+def load_hpsv2(folder: str | Path) -> RewardFunction:
+    """HPSv2's score: cos(image, text) of the converted open_clip model (no logit scale)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    model, pixels = _load_clip(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        image_embeds = _features(model.get_image_features(pixel_values=pixels.to(device)(images.to(device))))
+        text_embeds = _features(model.get_text_features(**tokens))
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+
+    return RewardFunction("hpsv2", _frames_averaged(score), True,
+                          f"HPSv2 from {folder}: cos(image, text) of an open_clip ViT-H-14 tuned on human "
+                          "preferences", modality="any")
+
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+"""The normalisation open_clip's ViT-H-14 (and so HPSv2's scorer) applies to pixels in [0, 1]."""
+
+
+def _open_clip_tower(state: dict[str, torch.Tensor], prefix: str, target: str, layers: int) -> dict[str, torch.Tensor]:
+    """One open_clip transformer stack (``PREFIX.resblocks.N``) in transformers' CLIP encoder names."""
+    out = {}
+    for i in range(layers):
+        block, layer = f"{prefix}.resblocks.{i}", f"{target}.encoder.layers.{i}"
+        # nn.MultiheadAttention packs q, k and v into one projection; CLIP's attention keeps three.
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{block}.attn.in_proj_{kind}"].chunk(3, dim=0)
+            out.update({f"{layer}.self_attn.q_proj.{kind}": q, f"{layer}.self_attn.k_proj.{kind}": k,
+                        f"{layer}.self_attn.v_proj.{kind}": v})
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{layer}.{ours}.{kind}"] = state[f"{block}.{theirs}.{kind}"]
+    return out
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({key.split(".")[len(prefix.split(".")) + 1] for key in state if key.startswith(f"{prefix}.resblocks.")})
+
+
+def convert_open_clip(checkpoint: str | Path, folder: str | Path, tokenizer_from: str | Path,
+                      vision_heads: int = 16, text_heads: int = 16) -> Path:
+    """Rewrite an open_clip ViT checkpoint (HPSv2's release) as a ``CLIPModel`` folder for ``--reward hpsv2``.
+
+    ``checkpoint``: a ``.pt``/``.pth`` (read with ``weights_only=True``; an outer ``state_dict`` key and DDP's
+    ``module.`` prefixes are unwrapped) or ``.safetensors`` file. Sizes are read off the tensors; the head
+    counts are not stored there and default to ViT-H-14's (16 and 16). ``tokenizer_from``: any folder with
+    OpenAI CLIP's BPE tokenizer files (``CLIPTokenizer.save_pretrained``): open_clip tokenizes with the same
+    vocabulary. The GELU is the exact one, as in open_clip's non-OpenAI towers."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    checkpoint, folder = Path(checkpoint), Path(folder)
+    if checkpoint.suffix == ".safetensors":
+        state = load_file(str(checkpoint))
+    else:
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)  # tensors only, no code runs
+    state = state.get("state_dict", state)
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    for needed in ("visual.conv1.weight", "token_embedding.weight", "text_projection", "visual.proj"):
+        if needed not in state:
+            raise PretrainedRewardError(f"{checkpoint} is not an open_clip ViT state dict: no {needed!r}")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_from), local_files_only=True)
+
+    patch = state["visual.conv1.weight"]
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vision_layers, text_layers = _count_blocks(state, "visual.transformer"), _count_blocks(state, "transformer")
+    vision = dict(hidden_size=patch.shape[0], intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  num_hidden_layers=vision_layers, num_attention_heads=vision_heads, patch_size=patch.shape[-1],
+                  image_size=grid * patch.shape[-1], hidden_act="gelu", layer_norm_eps=1e-5)
+    text = dict(vocab_size=state["token_embedding.weight"].shape[0], hidden_size=state["token_embedding.weight"].shape[1],
+                intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], num_hidden_layers=text_layers,
+                num_attention_heads=text_heads, max_position_embeddings=state["positional_embedding"].shape[0],
+                hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    embed_dim = state["visual.proj"].shape[1]
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim))
+
+    mapped = {
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+        "text_projection.weight": state["text_projection"].t(),  # open_clip multiplies x @ P
+        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": patch,
+        "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
+        "visual_projection.weight": state["visual.proj"].t(),
+        "logit_scale": state["logit_scale"].reshape(()),
+        **_open_clip_tower(state, "transformer", "text_model", text_layers),
+        **_open_clip_tower(state, "visual.transformer", "vision_model", vision_layers),
+    }
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise PretrainedRewardError(f"{checkpoint}: the open_clip layout did not map fully (missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]})")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    size = vision["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(folder)
+    return folder
+
+
 PRETRAINED_REWARDS: dict[str, Callable[[str | Path], RewardFunction]] = {
     "pickscore": load_pickscore,
     "aesthetic": load_aesthetic,
+    "hpsv2": load_hpsv2,
 }
 """Rewards whose weights come from a folder (``--reward NAME --reward-model PATH``)."""

@@ -289,7 +289,7 @@ def reward_names() -> list[str]:
 
 
 def get_reward(name: str, model_path: str | None = None) -> RewardFunction:
-    """The named reward; a pretrained one (``pickscore``, ``aesthetic``) loads from ``model_path``."""
+    """The named reward; a pretrained one (``pickscore``, ``aesthetic``, ``hpsv2``) loads from ``model_path``."""
     from reference_impls.rewards.pretrained import PRETRAINED_REWARDS
 
     if name in PRETRAINED_REWARDS:

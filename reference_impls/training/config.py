@@ -28,7 +28,7 @@ class TrainConfig:
     reward: str = "jpeg-compressibility"
     """Reward name (see rlvg train METHOD --help for the list)."""
     reward_model: str = ""
-    """Local folder with the weights of a pretrained reward (pickscore, aesthetic); empty for the others."""
+    """Local folder with the weights of a pretrained reward (pickscore, aesthetic, hpsv2); empty for the others."""
     preset: str = "smoke"
     """smoke (under a minute on 2 CPU cores), cpu (a real run of minutes), gpu (real checkpoints)."""
     steps: int = 8
