@@ -186,3 +186,56 @@ def test_in_memory_pipeline_shares_modules() -> None:
         torch.testing.assert_close(reference.predict(x, t, cond), policy.predict(x, t, cond))
         next(reference.denoiser.parameters()).add_(1.0)
         assert not torch.allclose(reference.predict(x, t, cond), policy.predict(x, t, cond))
+
+
+# -- FLUX.1: packed latents, rotary ids, distilled guidance, resolution-dependent shift ---------------
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("flux") / "pipe")
+
+
+def test_flux_log_probs_recompute_exactly_and_the_ode_matches_the_stock_pipeline(flux: Path) -> None:
+    import math
+
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    policy = load_policy(str(flux))
+    assert policy.latent_shape == (4, 8, 8) and policy.prediction == "velocity"
+    # 16x16 px -> 8x8 latents -> 16 packed tokens; FLUX's exp(mu) shift for that count becomes the fixed shift
+    assert policy.scheduler.config.shift == pytest.approx(math.exp(calculate_shift(16)))
+    trajectory = rollout(policy, PROMPTS, SamplerConfig("sde", num_steps=3), torch.Generator().manual_seed(0))
+    assert trajectory.images.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        for step in range(3):
+            assert torch.equal(transition_log_prob(policy, trajectory, step).log_prob, trajectory.log_probs[:, step])
+    pipe = FluxPipeline.from_pretrained(str(flux), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    ours = rollout(policy, ["a red circle"], SamplerConfig("ode", num_steps=4), noise=noise).states[:, -1]
+    # pipe(...) shifts the sigmas it is given with its dynamic shift; ours are the same shifted values
+    packed = pipe._pack_latents(noise.clone(), 1, 4, 8, 8)
+    latents = pipe("a red circle", height=16, width=16, num_inference_steps=4, guidance_scale=3.5,
+                   sigmas=torch.linspace(1.0, 0.0, 5)[:-1].numpy(), latents=packed, output_type="latent",
+                   max_sequence_length=256).images
+    torch.testing.assert_close(ours, pipe._unpack_latents(latents, 16, 16, pipe.vae_scale_factor), atol=1e-5, rtol=1e-5)
+
+
+def test_flow_grpo_trains_flux_with_lora_that_the_stock_pipeline_loads(flux: Path, tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from reference_impls.algorithms import get_method
+    from reference_impls.rewards import get_reward
+    from reference_impls.training import build_config, train
+
+    cls = get_method("flow-grpo")
+    config = build_config(cls.config_class, cls.presets, {
+        "preset": "smoke", "model": str(flux), "reward": "jpeg-compressibility", "prompts": "a cat", "steps": 2,
+        "batch_size": 4, "group_size": 2, "minibatch_size": 4, "num_steps": 2, "checkpoint_every": 1,
+        "lora_rank": 4})
+    records = train(cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config),
+                    tmp_path / "run", progress=False)
+    assert records[1]["ratio_first"] == pytest.approx(1.0)
+    pipe = FluxPipeline.from_pretrained(str(flux), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "run" / "final"))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

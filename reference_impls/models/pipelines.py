@@ -1,6 +1,6 @@
 """Adapters from diffusers pipelines to :class:`GenerativePolicy`, so our samplers can drive them.
 
-Three families are supported, loaded from local folders only (``save_pretrained`` output; never a hub id):
+The pipeline classes below are supported, loaded from local folders only (``save_pretrained`` output; never a hub id):
 
 * ``StableDiffusionPipeline``: a UNet that predicts the noise (epsilon) in the VAE's latent space.
   The pipeline's scheduler config (PNDM, DDIM, ...) is converted to a ``DDIMScheduler`` with trailing
@@ -17,6 +17,13 @@ Three families are supported, loaded from local folders only (``save_pretrained`
   (UniPC with flow sigmas, or flow-matching Euler) becomes a ``FlowMatchEulerDiscreteScheduler`` with the
   same ``shift``, so the flow samplers (ODE/SDE) drive it like SD3. The clip size is Wan's default
   (81 frames of 480x832) unless the folder holds ``rlvg_video.json`` with ``frames``, ``height``, ``width``.
+* ``FluxPipeline`` (FLUX.1): a ``FluxTransformer2DModel`` that predicts the flow velocity of 2x2-packed
+  latents with rotary positions. The policy's state is the unpacked (C, h, w) latent; every call packs it,
+  adds the image and text position ids and the distilled guidance (``guidance_embeds``: FLUX.1-dev's 3.5 by
+  default), and unpacks the velocity, as ``pipe(...)`` does. FLUX shifts its sigmas by the image's token
+  count (``use_dynamic_shifting``): at a fixed size that is SD3's fixed shift with ``shift = exp(mu)``, which
+  is what the policy's scheduler gets. The image is 1024x1024 unless ``rlvg_image.json`` holds ``height``,
+  ``width`` (and ``guidance``).
 
 Prompts are encoded with the pipeline's own ``encode_prompt`` (same tokenisation, ``clip_skip`` and
 concatenation rules as ``pipe(...)``); the text encoders and the VAE are frozen.
@@ -34,15 +41,19 @@ from torch import nn
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 
 SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline",
-                                         "WanPipeline")
+                                         "WanPipeline", "FluxPipeline")
 DENOISER_COMPONENT: dict[str, str] = {"StableDiffusionPipeline": "unet", "TextToVideoSDPipeline": "unet",
-                                      "StableDiffusion3Pipeline": "transformer", "WanPipeline": "transformer"}
+                                      "StableDiffusion3Pipeline": "transformer", "WanPipeline": "transformer",
+                                      "FluxPipeline": "transformer"}
 """The pipeline component each supported class trains (the name of its LoRA layers and of its folder)."""
 VIDEO_FRAMES = 16
 """Frames of a text-to-video pipeline's samples (``TextToVideoSDPipeline.__call__``'s default)."""
 WAN_CLIP = {"frames": 81, "height": 480, "width": 832}
 """``WanPipeline.__call__``'s default clip; a folder's ``rlvg_video.json`` overrides it (small test pipelines)."""
 VIDEO_SIZE_FILE = "rlvg_video.json"
+FLUX_IMAGE = {"height": 1024, "width": 1024, "guidance": 3.5}
+"""``FluxPipeline.__call__``'s defaults (FLUX.1-dev); a folder's ``rlvg_image.json`` overrides them."""
+IMAGE_SIZE_FILE = "rlvg_image.json"
 UNSUPPORTED_FLOW_OPTIONS: tuple[str, ...] = (
     "use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
     "use_beta_sigmas", "invert_sigmas",
@@ -80,6 +91,10 @@ class PipelineTextEncoder(nn.Module):
                 prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
+            return Conditioning(hidden, pooled)
+        if self.pipeline_class == "FluxPipeline":
+            hidden, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                        max_sequence_length=self.max_sequence_length)
             return Conditioning(hidden, pooled)
         if self.pipeline_class == "WanPipeline":
             hidden, _ = self.pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
@@ -272,13 +287,69 @@ def _wan_policy(pipe: Any, name: str, clip: dict[str, int], max_sequence_length:
     )
 
 
+def _flux_scheduler(scheduler_config: Any, image_tokens: int) -> Any:
+    """FLUX's resolution-dependent shift, fixed for the policy's image size: the exponential time shift
+    exp(mu) / (exp(mu) + 1/s - 1) is SD3's shift k s / (1 + (k - 1) s) with k = exp(mu)."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        return _sd3_scheduler(scheduler_config)  # FLUX.1-schnell: a fixed shift already
+    if scheduler_config.get("time_shift_type", "exponential") != "exponential":
+        raise UnsupportedPipelineError("a FLUX scheduler with a linear time shift is not supported")
+    mu = calculate_shift(image_tokens, scheduler_config.get("base_image_seq_len", 256),
+                         scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                         scheduler_config.get("max_shift", 1.15))
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"],
+                                           shift=math.exp(mu))
+
+
+def _flux_policy(pipe: Any, name: str, image: dict[str, float], max_sequence_length: int) -> GenerativePolicy:
+    transformer = pipe.transformer
+    conditioner = PipelineTextEncoder(pipe, [pipe.text_encoder, pipe.text_encoder_2],
+                                      max_sequence_length=max_sequence_length)
+    height, width = (2 * (int(image[key]) // (pipe.vae_scale_factor * 2)) for key in ("height", "width"))
+    channels = transformer.config.in_channels // 4
+    guidance_value = float(image["guidance"])
+
+    def call_transformer(module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        batch = x.shape[0]
+        packed = pipe._pack_latents(x, batch, channels, height, width)
+        image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
+        text_ids = torch.zeros(cond.hidden_states.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = (torch.full((batch,), guidance_value, device=x.device, dtype=torch.float32)
+                    if module.config.guidance_embeds else None)
+        # As in FluxPipeline: the transformer takes sigma = timestep / 1000 and scales it back itself.
+        velocity = module(hidden_states=packed, timestep=t.expand(batch).to(x.dtype) / 1000, guidance=guidance,
+                          pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden_states,
+                          txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        return pipe._unpack_latents(velocity, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor,
+                                    pipe.vae_scale_factor)
+
+    return GenerativePolicy(
+        name=name,
+        denoiser=transformer,
+        prediction="velocity",
+        scheduler=_flux_scheduler(pipe.scheduler.config, (height // 2) * (width // 2)),
+        encode_text=conditioner,
+        call_denoiser=call_transformer,
+        latent_shape=(int(channels), height, width),
+        decode=make_vae_decoder(pipe.vae),
+        text_encoder=conditioner,
+    )
+
+
 def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length: int = 256,
-                         frames: int = VIDEO_FRAMES, clip: dict[str, int] | None = None) -> GenerativePolicy:
+                         frames: int = VIDEO_FRAMES, clip: dict[str, int] | None = None,
+                         image: dict[str, float] | None = None) -> GenerativePolicy:
     """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` or ``TextToVideoSDPipeline``.
 
     The policy shares the pipeline's modules (training the policy trains ``pipe.unet`` /
     ``pipe.transformer``). ``max_sequence_length`` is SD3's T5 length, as in ``pipe(...)``; ``frames`` the
-    clip length of a text-to-video pipeline; ``clip`` Wan's frames, height and width (``WAN_CLIP`` if None).
+    clip length of a text-to-video pipeline; ``clip`` Wan's frames, height and width (``WAN_CLIP`` if None);
+    ``image`` FLUX's height, width and distilled guidance (``FLUX_IMAGE`` if None).
     """
     class_name = type(pipe).__name__
     name = name or class_name
@@ -293,6 +364,8 @@ def policy_from_pipeline(pipe: Any, name: str | None = None, max_sequence_length
             raise UnsupportedPipelineError("Wan 2.2's two-expert pipeline (transformer_2) is not supported: "
                                            "save a single-transformer WanPipeline (Wan 2.1)")
         policy = _wan_policy(pipe, name, clip or WAN_CLIP, max_sequence_length)
+    elif class_name == "FluxPipeline":
+        policy = _flux_policy(pipe, name, image or FLUX_IMAGE, max_sequence_length)
     else:
         raise UnsupportedPipelineError(
             f"unsupported pipeline class {class_name!r}; supported: {', '.join(SUPPORTED_PIPELINES)}"
@@ -334,6 +407,11 @@ def policy_from_pipeline_dir(directory: Path, index: dict, device: str = "cpu") 
         import json
 
         clip = {**WAN_CLIP, **json.loads((directory / VIDEO_SIZE_FILE).read_text(encoding="utf-8"))}
-    policy = policy_from_pipeline(pipe, name=str(directory), clip=clip)
+    image = None
+    if (directory / IMAGE_SIZE_FILE).exists():
+        import json
+
+        image = {**FLUX_IMAGE, **json.loads((directory / IMAGE_SIZE_FILE).read_text(encoding="utf-8"))}
+    policy = policy_from_pipeline(pipe, name=str(directory), clip=clip, image=image)
     pipe.vae.to(device)
     return policy.to(device)

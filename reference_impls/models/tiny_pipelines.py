@@ -15,8 +15,11 @@ code from an in-memory byte-level vocabulary and a few merges, the weights are r
 * :func:`build_tiny_wan_pipeline`: ``WanPipeline`` (Wan 2.1's architecture), a ``WanTransformer3DModel``
   velocity model, a UMT5 encoder with a T5 tokenizer built in code (a small Unigram vocabulary), the causal
   3D VAE (4x temporal, 8x spatial): clips of 5 frames of 16x16, 2 latent frames of 2x2.
+* :func:`build_tiny_flux_pipeline`: ``FluxPipeline`` (FLUX.1-dev's architecture), a
+  ``FluxTransformer2DModel`` with double- and single-stream blocks, rotary positions and a guidance
+  embedding, CLIP (pooled) and T5 text encoders, FLUX's dynamic-shift scheduler: 4x8x8 latents packed 2x2.
 * :func:`save_tiny_pipeline`: ``save_pretrained`` of any of them into a folder ``rlvg`` can load with
-  ``--model PATH`` (for Wan with ``rlvg_video.json``, the small clip size).
+  ``--model PATH`` (for Wan with ``rlvg_video.json``, the small clip size; for FLUX with ``rlvg_image.json``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TinyKind = Literal["sd", "sd3", "t2v", "wan"]
-TINY_KINDS: tuple[str, ...] = ("sd", "sd3", "t2v", "wan")
+TinyKind = Literal["sd", "sd3", "t2v", "wan", "flux"]
+TINY_KINDS: tuple[str, ...] = ("sd", "sd3", "t2v", "wan", "flux")
 TINY_WAN_CLIP = {"frames": 5, "height": 16, "width": 16}
+TINY_FLUX_IMAGE = {"height": 16, "width": 16, "guidance": 3.5}
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -293,8 +297,34 @@ def build_tiny_wan_pipeline(seed: int = 0):  # noqa: ANN201 - a WanPipeline
     return pipe
 
 
+def build_tiny_flux_pipeline(seed: int = 0):  # noqa: ANN201 - a FluxPipeline
+    """A random ``FluxPipeline`` with FLUX.1-dev's scheduler settings (dynamic shift) and guidance embedding."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    tokenizer_2 = build_tiny_t5_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64,
+                                             num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                         joint_attention_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
+                                         guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = build_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False)  # FLUX's VAE constants
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(kind: TinyKind, seed: int = 0):  # noqa: ANN201
-    """``kind``: "sd" (epsilon UNet), "sd3" (flow transformer) or "t2v" (text-to-video UNet)."""
+    """``kind``: "sd" (epsilon UNet), "sd3" (flow transformer), "t2v" (text-to-video UNet), "wan" (flow video
+    transformer) or "flux" (FLUX.1 transformer)."""
     if kind == "sd":
         return build_tiny_sd_pipeline(seed)
     if kind == "sd3":
@@ -303,6 +333,8 @@ def build_tiny_pipeline(kind: TinyKind, seed: int = 0):  # noqa: ANN201
         return build_tiny_t2v_pipeline(seed)
     if kind == "wan":
         return build_tiny_wan_pipeline(seed)
+    if kind == "flux":
+        return build_tiny_flux_pipeline(seed)
     raise ValueError(f"unknown tiny pipeline kind {kind!r}; valid kinds: {', '.join(TINY_KINDS)}")
 
 
@@ -316,6 +348,12 @@ def save_tiny_pipeline(kind: TinyKind, directory: str | Path, seed: int = 0) -> 
         from reference_impls.models.pipelines import VIDEO_SIZE_FILE
 
         (directory / VIDEO_SIZE_FILE).write_text(json.dumps(TINY_WAN_CLIP), encoding="utf-8")
+    if kind == "flux":
+        import json
+
+        from reference_impls.models.pipelines import IMAGE_SIZE_FILE
+
+        (directory / IMAGE_SIZE_FILE).write_text(json.dumps(TINY_FLUX_IMAGE), encoding="utf-8")
     return directory
 
 
