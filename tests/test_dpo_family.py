@@ -229,10 +229,9 @@ def test_diffusion_dpo_smoke_raises_the_monitored_reward_and_learns_the_preferen
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
 
-# On the stage-2 base (held-out accuracy 0.50, flat shapes on white) the smoke presets of Diffusion-KTO, D3PO
-# and SPO no longer raise their monitored reward within 6-8 iterations (measured: flat to slightly down on JPEG
-# compressibility, incompressibility and the composition score). Re-tuning them is open work (issue 9); until
-# then these tests check that the smoke runs complete with sane diagnostics, not that they learn.
+# On the stage-2 base (flat shapes on white) Diffusion-KTO's smoke preset does not raise its monitored reward
+# within its 8 iterations (measured at lr 3e-5, 1e-4 and 3e-4 and a near-noiseless rater: flat or down on JPEG
+# incompressibility); this test checks that the run completes with sane diagnostics, not that it learns.
 def test_diffusion_kto_smoke_runs_end_to_end(tmp_path, bank_cache):
     records = run_smoke("diffusion-kto", "jpeg-incompressibility", tmp_path / "run", cache_dir=bank_cache)
     assert len(training_rewards(records)) == records[-1]["step"]
@@ -241,18 +240,20 @@ def test_diffusion_kto_smoke_runs_end_to_end(tmp_path, bank_cache):
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
 
-def test_d3po_smoke_runs_end_to_end(tmp_path):
-    records = run_smoke("d3po", "shapes-composition", tmp_path / "run")
-    assert len(training_rewards(records)) == records[-1]["step"]
+def test_d3po_smoke_raises_the_reward_its_rater_prefers(tmp_path):
+    records = run_smoke("d3po", "jpeg-incompressibility", tmp_path / "run")
+    rewards = training_rewards(records)
+    first, last = _first_last(rewards)
+    assert last > first + 0.1, rewards  # measured 0.99 -> 1.35 kB
     assert all(0 <= r["pair_fraction"] <= 1 for r in records if "pair_fraction" in r)
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
 
-def test_spo_smoke_runs_end_to_end(tmp_path):
-    # a continuous reward: on the stage-2 base every sample of the smoke prompt is drawn right, so the exact
-    # composition score ties and gives no pairs
+def test_spo_smoke_raises_the_reward_its_rater_prefers(tmp_path):
     records = run_smoke("spo", "jpeg-incompressibility", tmp_path / "run")
-    assert len(training_rewards(records)) == records[-1]["step"]
+    rewards = training_rewards(records)
+    first, last = _first_last(rewards)
+    assert last > first + 0.1, rewards  # measured 1.00 -> 1.34 kB
     assert all(r["pairs"] > 0 for r in records if "pairs" in r)
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 

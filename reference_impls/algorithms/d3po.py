@@ -71,8 +71,12 @@ class D3POConfig(TrainConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=6, batch_size=6, num_steps=8, minibatch_size=6, timestep_fraction=0.5, learning_rate=1e-4,
-                  eval_every=0, eval_prompts=8, checkpoint_every=3, prompts="a red circle"),
+    # JPEG incompressibility (kB) with a near-noiseless rater: the base draws "a red circle" right every time, so
+    # the exact score ties; within a pair the sizes differ by ~0.05 kB, which a temperature of 0.1 turns into
+    # coin flips (measured: the reward fell 0.99 -> 0.92 in 6 iterations; with this preset it rises to 1.35).
+    "smoke": dict(steps=6, batch_size=6, num_steps=8, minibatch_size=6, timestep_fraction=0.5, learning_rate=3e-4,
+                  reward="jpeg-incompressibility", labeller_temperature=0.001, eval_every=0, eval_prompts=8,
+                  checkpoint_every=3, prompts="a red circle"),
     "cpu": dict(steps=24, batch_size=12, num_steps=10, minibatch_size=6, timestep_fraction=0.5,
                 learning_rate=3e-5, eval_every=12, eval_prompts=64, checkpoint_every=12),
     "gpu": dict(steps=200, batch_size=32, num_steps=20, minibatch_size=4, learning_rate=3e-5, eval_every=20,
