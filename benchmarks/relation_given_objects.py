@@ -12,7 +12,7 @@ between its hidden states and those of the same prompt with one word swapped (le
 above <-> below; or the first object's colour), at the swapped word and averaged over the words after it.
 A word the encoder barely separates cannot steer the image, however the UNet is trained.
 
-Writes ``benchmarks/results/relation_given_objects.json``.
+Writes the model's entry of ``benchmarks/results/relation_given_objects.json`` (one entry per model).
 """
 
 from __future__ import annotations
@@ -100,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text encoder of {args.model}: hidden-state norm {separation['hidden_state_norm']:.2f}; one-word swap moves it "
           + ", ".join(f"{k} {v['at_word']:.2f} at the word / {v['after_word']:.2f} after it"
                       for k, v in separation.items() if isinstance(v, dict)))
+    # one entry per model, so the relation-blind first base and its successor sit side by side
     out = RESULTS_DIR / "relation_given_objects.json"
-    out.write_text(json.dumps({"machine": machine_description(), "rows": rows, "text_separation": separation},
-                              indent=2) + "\n", encoding="utf-8")
+    existing = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+    models = existing.get("models", {})
+    models[args.model] = {"machine": machine_description(), "rows": rows, "text_separation": separation}
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps({"models": models}, indent=2) + "\n", encoding="utf-8")
+    partial.replace(out)
     return 0
 
 

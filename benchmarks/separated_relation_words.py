@@ -1,6 +1,6 @@
 """Force the direction words apart in a checkpoint's text encoder, to test whether that teaches relations.
 
-``shapes-flow``'s jointly trained text encoder barely separates "left" from "right" (and "above" from
+``shapes-flow-clip``'s jointly trained text encoder barely separates "left" from "right" (and "above" from
 "below"): see ``benchmarks/relation_given_objects.py``. This script adds a random vector of norm
 ``--norm`` to the token embedding of the first word of each pair and subtracts it from the second, then
 writes the result as a checkpoint folder to continue pretraining from::
@@ -53,7 +53,7 @@ def separate(model: str, out: Path, norm: float, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shapes-flow")
+    parser.add_argument("--model", default="shapes-flow-clip")
     parser.add_argument("--norm", type=float, default=1.0, help="length of the vector added and subtracted")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")

@@ -11,6 +11,10 @@ import torch
 
 from reference_impls.cli import UsageError
 
+INFLATE_DEFAULT = {"flow": "shapes-flow-clip", "diffusion": "shapes-diffusion"}
+"""The image model ``rlvg pretrain --world motion|solid`` inflates by default: the one the shipped motion and
+solid models were made from (``shapes-flow-clip``; the T5-encoder ``shapes-flow`` came later)."""
+
 
 def _set_threads(threads: int) -> None:
     if threads and threads > 0:
@@ -38,7 +42,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                             seed=args.seed, learning_rate=args.learning_rate, init_from=args.init_from,
                             stop_after=args.stop_after, prompts=args.prompts, save_every=args.save_every,
                             time_shift=args.time_shift, world=args.world, frames=args.frames,
-                            inflate_from=args.inflate_from or f"shapes-{args.model}",
+                            # the shipped video and multi-view models were inflated from the CLIP-encoder base
+                            inflate_from=args.inflate_from or INFLATE_DEFAULT[args.model],
                             text_encoder_from=args.text_encoder_from)
     from reference_impls.worlds.registry import get_world
 
@@ -399,7 +404,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model starts from --inflate-from")
     p.add_argument("--frames", type=int, default=8, help="motion world: frames per clip")
     p.add_argument("--inflate-from", default=None,
-                   help="motion world: the ShapeWorld model of the same kind to inflate (default: shapes-<model>)")
+                   help="motion and solid worlds: the ShapeWorld model of the same kind to inflate (default: "
+                        "shapes-flow-clip or shapes-diffusion, what the shipped models were made from)")
     p.add_argument("--model", choices=["diffusion", "flow"], required=True, help="model kind")
     p.add_argument("--steps", type=int, default=1800, help="optimiser steps (the run is deterministic in them)")
     p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap")

@@ -1,6 +1,6 @@
 """Resolve a model name or a local folder to a :class:`GenerativePolicy` (never a hub id).
 
-* ``shapes-diffusion`` / ``shapes-flow`` (images), ``motion-diffusion`` / ``motion-flow`` (clips),
+* ``shapes-diffusion`` / ``shapes-flow`` / ``shapes-flow-clip`` (images), ``motion-diffusion`` / ``motion-flow`` (clips),
   ``solid-mv-flow`` (SolidWorld's four views): the checkpoints shipped in ``reference_impls/checkpoints``.
 * a folder with ``rlvg_model.json``: a ShapeWorld checkpoint (e.g. written by ``rlvg pretrain``/``train``).
 * a folder with ``model_index.json``: a diffusers pipeline saved with ``save_pretrained``
@@ -17,12 +17,16 @@ from reference_impls.models.policy import GenerativePolicy
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED_MODELS: dict[str, str] = {
     "shapes-diffusion": "epsilon-prediction UNet2DConditionModel, cosine DDPM schedule, DDIM/DDPM samplers",
-    "shapes-flow": "velocity-prediction UNet2DConditionModel, rectified flow, ODE/SDE samplers",
+    "shapes-flow": "velocity-prediction UNet2DConditionModel with coordinate channels on a frozen T5 text encoder, "
+                   "rectified flow, ODE/SDE samplers",
+    "shapes-flow-clip": "the first flow base (until 2026-12): velocity-prediction UNet2DConditionModel on a CLIP text "
+                        "encoder trained with it; places related objects at random. shapes-diffusion, motion-flow "
+                        "and solid-mv-flow were made from it",
     "motion-diffusion": "MotionWorld video model (8x32x32 clips): motion-flow's network as an epsilon model, "
                         "DDIM/DDPM samplers",
-    "motion-flow": "MotionWorld video model (8x32x32 clips): shapes-flow inflated with temporal attention, "
+    "motion-flow": "MotionWorld video model (8x32x32 clips): shapes-flow-clip inflated with temporal attention, "
                    "rectified flow, ODE/SDE samplers",
-    "solid-mv-flow": "SolidWorld multi-view model (4 views of 32x32): shapes-flow inflated with attention across "
+    "solid-mv-flow": "SolidWorld multi-view model (4 views of 32x32): shapes-flow-clip inflated with attention across "
                      "views, rectified flow, ODE/SDE samplers",
 }
 

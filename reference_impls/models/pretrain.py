@@ -72,7 +72,7 @@ class PretrainConfig:
     """shapes (32x32 images), motion (MotionWorld clips) or solid (SolidWorld's 4 views). A motion or solid
     model starts from ``inflate_from`` (unless ``init_from`` continues one) and trains on clips of ``frames``
     frames, or on the views of all four cameras."""
-    inflate_from: str = "shapes-flow"
+    inflate_from: str = "shapes-flow-clip"
     """Motion and solid worlds: the ShapeWorld image model (shipped name or folder) whose weights the 5-D
     model starts from, per frame or view, with zero-initialised attention along the extra axis."""
     frames: int = 8

@@ -20,7 +20,7 @@ exact evaluator's verdicts on
 * corrupted renders: an object recoloured, reshaped, resized, moved, removed or added, the layout
   mirrored or transposed (which breaks relations), then sometimes blurred, noised, faded or tinted,
 * renders of other prompts, blank and noise images,
-* samples of the shipped ``shapes-diffusion`` and ``shapes-flow`` models when they are present,
+* samples of the shipped ``shapes-diffusion`` and ``shapes-flow-clip`` models when they are present,
 
 all labelled by the exact evaluator for the original prompt. Held-out prompts never enter training;
 the provenance records the held-out correlation with the exact score.
@@ -276,7 +276,7 @@ def synthetic_examples(prompts: list[str], seed: int) -> tuple[np.ndarray, list[
     return images, list(prompts)
 
 
-def model_samples(prompts: list[str], seed: int, models: tuple[str, ...] = ("shapes-diffusion", "shapes-flow"),
+def model_samples(prompts: list[str], seed: int, models: tuple[str, ...] = ("shapes-diffusion", "shapes-flow-clip"),
                   ) -> tuple[np.ndarray, list[str], list[str]]:
     """Samples of the shipped base models (those present), with a mix of samplers and step counts."""
     from reference_impls.models.loading import CHECKPOINTS_DIR
