@@ -21,6 +21,7 @@ from reference_impls.sampling import (
     StepOutput,
     ddim_step,
     ddpm_step,
+    flow_cps_step,
     flow_ode_step,
     flow_sde_step,
     gaussian_log_prob,
@@ -609,3 +610,56 @@ def test_diffusion_samplers_tolerate_small_denoiser_errors(eta: float) -> None:
     reference = exact.states[:, -1].flatten(1).std(0)
     got = noisy.states[:, -1].flatten(1).std(0)
     assert float(((got - reference).abs() / reference).max()) < 0.25, (reference, got)
+
+
+# --------------------------------------------------------------------------------------------------------
+# coefficients-preserving sampling (Wang & Yu, 2025)
+# --------------------------------------------------------------------------------------------------------
+def test_flow_cps_step_by_hand_and_keeps_the_marginal_coefficients() -> None:
+    """x' = (1 - s') x0_hat + sqrt(s'^2 - sd^2) eps_hat + sd eps, sd = s' sin(a pi / 2)."""
+    x, v, s, s_next, a = 0.3, -0.8, 0.6, 0.5, 0.7
+    x0_hat, eps_hat = x - s * v, x + (1 - s) * v  # 0.78, -0.02
+    sd = s_next * math.sin(a * math.pi / 2)
+    mean = (1 - s_next) * x0_hat + math.sqrt(s_next**2 - sd**2) * eps_hat
+    out = flow_cps_step(torch.tensor([[v]]), torch.tensor([[x]]), torch.tensor(s), torch.tensor(s_next), a,
+                        noise=torch.tensor([[2.0]]))
+    assert float(out.mean) == pytest.approx(mean, abs=1e-6) and float(out.std) == pytest.approx(sd, abs=1e-6)
+    assert float(out.next_state) == pytest.approx(mean + 2 * sd, abs=1e-6)
+    expected_log_prob = -0.5 * 2.0**2 - math.log(sd) - 0.5 * math.log(2 * math.pi)
+    assert float(out.log_prob) == pytest.approx(expected_log_prob, abs=1e-5)
+    # With the exact velocity of x = (1 - s) x0 + s eps, the next state is (1 - s') x0 + s' times unit noise:
+    # the noise it carries has exactly the marginal's variance s'^2 (the Euler-Maruyama SDE step's does not).
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(200_000, generator=gen), torch.randn(200_000, generator=gen)
+    state = (1 - s) * x0 + s * eps
+    step = flow_cps_step(eps - x0, state, torch.tensor(s), torch.tensor(s_next), a, generator=gen)
+    residual = step.next_state - (1 - s_next) * x0
+    assert float(residual.std()) == pytest.approx(s_next, rel=0.01)
+    sde = flow_sde_step(eps - x0, state, torch.tensor(s), torch.tensor(s_next), a, generator=gen)
+    assert float((sde.next_state - (1 - s_next) * x0).std()) > s_next * 1.02
+    # The last step (s' = 0) is deterministic: it lands on x0_hat.
+    last = flow_cps_step(torch.tensor([[v]]), torch.tensor([[x]]), torch.tensor(s), torch.tensor(0.0), a)
+    assert float(last.std) == 0 and last.log_prob is None and float(last.next_state) == pytest.approx(x0_hat)
+
+
+def test_cps_rollout_recomputes_its_log_probs_and_its_last_step_is_deterministic(tiny_policies: dict) -> None:
+    policy = tiny_policies["flow"]
+    traj = rollout(policy, PROMPTS, SamplerConfig("cps", num_steps=5), torch.Generator().manual_seed(0))
+    assert traj.schedule.stochastic.tolist() == [True, True, True, True, False]
+    with torch.no_grad():
+        for i in range(4):
+            out = transition_log_prob(policy, traj, i)
+            assert torch.equal(out.log_prob, traj.log_probs[:, i])  # the PPO ratio is exactly 1
+
+
+def test_flow_grpo_trains_with_the_cps_sampler_and_refuses_others(tmp_path) -> None:
+    from reference_impls.algorithms import get_method
+    from reference_impls.training import build_config
+
+    cls = get_method("flow-grpo")
+    with pytest.raises(ValueError, match="--sampler must be sde or cps"):
+        build_config(cls.config_class, cls.presets, {"preset": "smoke", "sampler": "ddim"})
+    config = build_config(cls.config_class, cls.presets, {"preset": "smoke", "sampler": "cps", "sde_steps": 3})
+    method = cls.__new__(cls)
+    method.config = config
+    assert cls.sampler(method).name == "cps" and cls.sampler(method).stochastic_window == (0, 3)

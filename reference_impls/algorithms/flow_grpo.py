@@ -71,6 +71,10 @@ class FlowGRPOConfig(GRPOConfig):
     """Fraction of the trainable denoising steps each sample trains on."""
     train_last_step: bool = False
     """Also train the final SDE step (the public configs train the first T-1 steps only)."""
+    sampler: str = "sde"
+    """Training sampler: sde (the paper's Euler-Maruyama step of the reverse SDE) or cps (coefficients-preserving
+    sampling, Wang & Yu 2025, ``wang2025cps``: the next state keeps exactly the noise the flow's marginal has, so
+    few-step rollouts carry no excess noise; ``noise_level`` is then its eta in sin(eta pi / 2))."""
     sde_steps: int = 0
     """Sample with the SDE in the first N steps only and with the ODE after them, and train those N (0 = the
     SDE at every step, the paper). Every reward difference inside a group then comes from trained steps."""
@@ -90,6 +94,8 @@ class FlowGRPOConfig(GRPOConfig):
         super().validate()
         if not 0 < self.coarse_fraction < 1:
             raise ValueError(f"--coarse-fraction must lie in (0, 1), got {self.coarse_fraction}")
+        if self.sampler not in ("sde", "cps"):
+            raise ValueError(f"--sampler must be sde or cps for Flow-GRPO, got {self.sampler!r}")
         if not 0 <= self.sde_steps <= self.num_steps:
             raise ValueError(f"--sde-steps must be between 0 and --num-steps {self.num_steps}, got {self.sde_steps}")
 
@@ -143,7 +149,7 @@ class FlowGRPO(Method):
         """The training sampler: the flow SDE at every step, with few steps (denoising reduction)."""
         config = self.config
         window = (0, config.sde_steps) if config.sde_steps else None
-        return SamplerConfig("sde", num_steps=config.num_steps, noise_level=config.noise_level,
+        return SamplerConfig(config.sampler, num_steps=config.num_steps, noise_level=config.noise_level,
                              guidance_scale=config.guidance_scale, reduction=config.reduction,  # type: ignore[arg-type]
                              stochastic_window=window)
 

@@ -13,10 +13,17 @@ from reference_impls.sampling.rollout import (
     rollout,
     transition_log_prob,
 )
-from reference_impls.sampling.steps import StepOutput, ddim_step, ddpm_step, flow_ode_step, flow_sde_step
+from reference_impls.sampling.steps import (
+    StepOutput,
+    ddim_step,
+    ddpm_step,
+    flow_cps_step,
+    flow_ode_step,
+    flow_sde_step,
+)
 
 __all__ = [
     "SAMPLERS_BY_KIND", "SamplerConfig", "Schedule", "StepOutput", "Trajectory", "apply_step", "ddim_step",
-    "ddpm_step", "encode_prompts", "flow_ode_step", "flow_sde_step", "gaussian_log_prob",
+    "ddpm_step", "encode_prompts", "flow_cps_step", "flow_ode_step", "flow_sde_step", "gaussian_log_prob",
     "guided_prediction", "make_schedule", "reduce_over_pixels", "rollout", "transition_log_prob",
 ]

@@ -15,10 +15,17 @@ import torch
 
 from reference_impls.models.policy import Conditioning, GenerativePolicy
 from reference_impls.sampling.gaussian import Reduction
-from reference_impls.sampling.steps import StepOutput, ddim_step, ddpm_step, flow_ode_step, flow_sde_step
+from reference_impls.sampling.steps import (
+    StepOutput,
+    ddim_step,
+    ddpm_step,
+    flow_cps_step,
+    flow_ode_step,
+    flow_sde_step,
+)
 
-SamplerName = Literal["ddim", "ddpm", "sde", "ode"]
-SAMPLERS_BY_KIND: dict[str, tuple[str, ...]] = {"diffusion": ("ddim", "ddpm"), "flow": ("sde", "ode")}
+SamplerName = Literal["ddim", "ddpm", "sde", "cps", "ode"]
+SAMPLERS_BY_KIND: dict[str, tuple[str, ...]] = {"diffusion": ("ddim", "ddpm"), "flow": ("sde", "cps", "ode")}
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,8 @@ def make_schedule(policy: GenerativePolicy, config: SamplerConfig) -> Schedule:
     steps = config.num_steps
     if config.stochastic_window is None:
         stochastic = torch.full((steps,), config.name != "ode")
+        if config.name == "cps":
+            stochastic[-1] = False  # its std s' sin(a pi / 2) is 0 at the last step, s' = 0: no log-probability
     else:
         start, end = config.stochastic_window
         stochastic = torch.zeros(steps, dtype=torch.bool)
@@ -203,6 +212,9 @@ def apply_step(
     sigma_next = _per_sample(schedule.sigma_next, step_index, x)
     if not stochastic:
         return flow_ode_step(model_output, x, sigma, sigma_next, next_state=next_state)
+    if config.name == "cps":
+        return flow_cps_step(model_output, x, sigma, sigma_next, config.noise_level, next_state=next_state,
+                             generator=generator, noise=noise, reduction=config.reduction)
     return flow_sde_step(model_output, x, sigma, sigma_next, config.noise_level,
                          sigma_cap=schedule.sigma_cap.to(x.device, x.dtype), next_state=next_state,
                          generator=generator, noise=noise, reduction=config.reduction)

@@ -9,6 +9,8 @@ log-probability of a stored transition), and returns the log-probability. Time r
 * ``ddpm_step``: the ancestral DDPM posterior q(x_{t'} | x_t, x0_hat) (Ho et al., 2020).
 * ``flow_sde_step``: the SDE of Flow-GRPO (Liu et al., 2025) with the same marginals as the flow ODE;
   noise level ``a`` scales sigma_t = a * sqrt(s / (1 - s)).
+* ``flow_cps_step``: coefficients-preserving sampling (Wang & Yu, 2025, ``wang2025cps``), a DDIM-like
+  stochastic step for flow models whose sample keeps the (1 - s, s) coefficients of x0 and noise exactly.
 * ``flow_ode_step``: the deterministic Euler step of the probability-flow ODE (no log-probability).
 """
 
@@ -156,6 +158,36 @@ def flow_sde_step(
     sample = _sample_or_use(mean, std, next_state, generator, noise)
     log_prob = gaussian_log_prob(sample.detach(), mean, std, reduction) if _has_noise(std) else None
     x0_hat = x_t - sigma * velocity
+    return StepOutput(sample, mean, std, log_prob, x0_hat)
+
+
+def flow_cps_step(
+    velocity: torch.Tensor,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    noise_level: float = 0.7,
+    *,
+    next_state: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    r"""Coefficients-preserving step: from x0_hat = x - s v and eps_hat = x + (1 - s) v,
+
+    $$ x_{s'} = (1 - s')\,\hat x_0 + \sqrt{s'^2 - \sigma^2}\,\hat\epsilon + \sigma\,\epsilon,\qquad
+       \sigma = s' \sin(a \pi / 2), $$
+
+    so the noise in the next state has total variance s'^2, what the flow's marginal at s' has. The
+    Euler-Maruyama SDE step adds more noise than a coarse step removes, and with few steps its samples keep
+    noise the model never saw in training; this step does not. At s' = 0 it is deterministic.
+    """
+    std = sigma_next * torch.sin(torch.as_tensor(noise_level * torch.pi / 2, dtype=x_t.dtype, device=x_t.device))
+    x0_hat = x_t - sigma * velocity
+    eps_hat = x_t + (1 - sigma) * velocity
+    mean = (1 - sigma_next) * x0_hat + (sigma_next**2 - std**2).clamp(min=0).sqrt() * eps_hat
+    sample = _sample_or_use(mean, std, next_state, generator, noise)
+    log_prob = gaussian_log_prob(sample.detach(), mean, std, reduction) if _has_noise(std) else None
     return StepOutput(sample, mean, std, log_prob, x0_hat)
 
 
