@@ -154,8 +154,8 @@ def test_folder_without_model_files_is_rejected(tmp_path: Path) -> None:
 
 
 def test_unsupported_pipeline_class_is_rejected(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}), encoding="utf-8")
-    expected = "FluxPipeline.*supported: StableDiffusionPipeline, StableDiffusion3Pipeline"
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}), encoding="utf-8")
+    expected = "CogVideoXPipeline.*supported: StableDiffusionPipeline, StableDiffusion3Pipeline.*FluxPipeline"
     with pytest.raises(UnsupportedPipelineError, match=expected):
         load_policy(str(tmp_path))
     with pytest.raises(UnsupportedPipelineError, match="supported: StableDiffusionPipeline"):

@@ -422,8 +422,8 @@ def test_reduction_sum_scales_recorded_log_probs(tiny_policies: dict) -> None:
     [
         ("sde", "diffusion", "ddim, ddpm"),
         ("ode", "diffusion", "ddim, ddpm"),
-        ("ddim", "flow", "sde, ode"),
-        ("ddpm", "flow", "sde, ode"),
+        ("ddim", "flow", "sde, cps, ode"),
+        ("ddpm", "flow", "sde, cps, ode"),
     ],
 )
 def test_wrong_sampler_for_the_model_kind_is_rejected(
