@@ -97,21 +97,30 @@ def _load_clip(folder: Path) -> tuple[nn.Module, ClipImageInput]:
     return model, ClipImageInput.from_folder(folder)
 
 
-def load_pickscore(folder: str | Path) -> RewardFunction:
-    """PickScore's logit exp(logit_scale) cos(image, text) from a saved CLIP model folder."""
+def _clip_cosine(folder: Path) -> tuple[nn.Module, Callable[[torch.Tensor, list[str]], torch.Tensor]]:
+    """A saved CLIP folder's model and its differentiable cos(image, text) of projected embeddings."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
     model, pixels = _load_clip(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
-    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def cosine(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device = next(model.parameters()).device
         tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
         image_embeds = _features(model.get_image_features(pixel_values=pixels.to(device)(images.to(device))))
         text_embeds = _features(model.get_text_features(**tokens))
-        cosine = F.cosine_similarity(image_embeds, text_embeds, dim=-1)
-        return model.logit_scale.exp() * cosine
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+
+    return model, cosine
+
+
+def load_pickscore(folder: str | Path) -> RewardFunction:
+    """PickScore's logit exp(logit_scale) cos(image, text) from a saved CLIP model folder."""
+    folder = Path(folder)
+    model, cosine = _clip_cosine(folder)
+
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return model.logit_scale.exp() * cosine(images, prompts)
 
     return RewardFunction("pickscore", _frames_averaged(score), True,
                           f"PickScore from {folder}: exp(logit_scale) cos(image, text) of a CLIP model tuned on "
@@ -176,20 +185,9 @@ def load_aesthetic(folder: str | Path) -> RewardFunction:
 
 def load_hpsv2(folder: str | Path) -> RewardFunction:
     """HPSv2's score: cos(image, text) of the converted open_clip model (no logit scale)."""
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
-    model, pixels = _load_clip(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-
-    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        device = next(model.parameters()).device
-        tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        image_embeds = _features(model.get_image_features(pixel_values=pixels.to(device)(images.to(device))))
-        text_embeds = _features(model.get_text_features(**tokens))
-        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
-
-    return RewardFunction("hpsv2", _frames_averaged(score), True,
+    _, cosine = _clip_cosine(folder)
+    return RewardFunction("hpsv2", _frames_averaged(cosine), True,
                           f"HPSv2 from {folder}: cos(image, text) of an open_clip ViT-H-14 tuned on human "
                           "preferences", modality="any")
 
