@@ -45,7 +45,7 @@ browser:
 	fi
 
 test: install browser
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: install
 	$(VENV)/bin/ruff check reference_impls tests benchmarks

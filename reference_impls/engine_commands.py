@@ -6,10 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from reference_impls.cli import UsageError
+
+if TYPE_CHECKING:
+    from reference_impls.models import GenerativePolicy
+    from reference_impls.sampling import SamplerConfig
 
 INFLATE_DEFAULT = {"flow": "shapes-flow-clip", "diffusion": "shapes-diffusion"}
 """The image model ``rlvg pretrain --world motion|solid`` inflates by default: the one the shipped motion and
@@ -212,9 +217,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # -- compare --------------------------------------------------------------------------------------
+def _comparison_sampler(base: GenerativePolicy, args: argparse.Namespace) -> SamplerConfig:
+    """The deterministic evaluation sampler, or the stochastic one asked for (paired all the same: both
+    models consume one seeded generator in the same order, so they draw the same noise at every step)."""
+    from reference_impls.evaluation import default_eval_sampler
+    from reference_impls.sampling import SAMPLERS_BY_KIND, SamplerConfig
+
+    if args.sampler is None:
+        if args.stochastic_steps or args.eta is not None:
+            raise UsageError("--stochastic-steps and --eta need --sampler")
+        return default_eval_sampler(base, args.steps, args.guidance_scale)
+    valid = SAMPLERS_BY_KIND[base.kind]
+    if args.sampler not in valid:
+        raise UsageError(f"--sampler {args.sampler!r} does not fit a {base.kind} model; valid samplers: "
+                         f"{', '.join(valid)}")
+    if not 0 <= args.stochastic_steps <= args.steps:
+        raise UsageError(f"--stochastic-steps must be between 0 and --steps {args.steps}, got {args.stochastic_steps}")
+    window = (0, args.stochastic_steps) if args.stochastic_steps else None
+    eta = args.eta if args.eta is not None else (0.0 if args.sampler == "ddim" else 1.0)
+    return SamplerConfig(args.sampler, num_steps=args.steps, eta=eta, noise_level=args.noise_level,
+                         guidance_scale=args.guidance_scale, stochastic_window=window)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from reference_impls.comparison import compare_models, comparison_prompts, format_report
-    from reference_impls.evaluation import default_eval_sampler
     from reference_impls.rewards import UnknownRewardError, get_reward
 
     _set_threads(args.threads)
@@ -239,7 +265,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                              "a paired comparison needs the same sampler for both")
     if args.split not in world.splits:
         raise UsageError(f"unknown split {args.split!r}; valid splits: {', '.join(world.splits)}")
-    sampler = default_eval_sampler(base, args.steps, args.guidance_scale)
+    sampler = _comparison_sampler(base, args)
     prompts = comparison_prompts(args.split, args.n, world=world.name)
     report = compare_models(base, models, prompts, sampler, seed=args.seed,
                             samples_per_prompt=args.samples_per_prompt, reward_name=args.reward,
@@ -247,6 +273,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report.settings = {"base": args.base, "models": args.model, "split": args.split, "sampler": sampler.name,
                        "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
                        "reward": args.reward}
+    if args.sampler is not None:
+        report.settings.update(stochastic_steps=args.stochastic_steps, noise_level=sampler.noise_level,
+                               eta=sampler.eta)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -478,7 +507,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None, help="prompts (default: the whole split, each once)")
     p.add_argument("--samples-per-prompt", type=int, default=2, help="draws per prompt, each with its own noise")
     p.add_argument("--reward", default=None, help="also compare this reward (e.g. the one trained on)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps of the deterministic sampler")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the sampler")
+    p.add_argument("--sampler", default=None,
+                   help="default: the deterministic one (ode for flow, ddim eta=0 for diffusion models); a "
+                        "stochastic one (sde or cps; ddpm or ddim with --eta) judges both models on a training "
+                        "sampler, still paired: both draw the same noise at every step")
+    p.add_argument("--stochastic-steps", type=int, default=0,
+                   help="with a stochastic sampler: only the first N steps sample, the rest are deterministic "
+                        "(Flow-GRPO's --sde-steps; 0 = every step)")
+    p.add_argument("--noise-level", type=float, default=0.7, help="flow sde/cps: the noise level a (or eta for cps)")
+    p.add_argument("--eta", type=float, default=None, help="diffusion ddim: eta (default 0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and the bootstrap")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")

@@ -49,6 +49,11 @@ def test_eval_reports_per_criterion_accuracy(capsys):
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--split", "dev"], "valid splits"),
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--reward", "beauty"], "Valid rewards"),
         (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--samples-per-prompt", "0"], ">= 1"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--sampler", "ddim"],
+         "valid samplers: sde, cps, ode"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--stochastic-steps", "3"], "need --sampler"),
+        (["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--sampler", "sde", "--steps", "4",
+          "--stochastic-steps", "5"], "between 0 and --steps 4"),
         (["pretrain", "--model", "flow", "--init-from", "no/such/folder", "--out", "x.png"], "no such checkpoint"),
         (["pretrain", "--model", "flow", "--prompts", "train,train-colour", "--out", "x.png"], "train-color_attr"),
         (["pretrain", "--model", "diffusion", "--time-shift", "3", "--out", "x.png"], "--model flow only"),
@@ -70,6 +75,16 @@ def test_compare_prints_paired_rows_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n_prompts"] == 4 and report["samples_per_prompt"] == 2
     assert report["rows"]["accuracy"]["diff"] == 0.0 and report["rows"]["reward"]["ci_high"] == 0.0
+
+
+def test_compare_on_a_stochastic_sampler_is_still_paired(tmp_path, capsys):
+    # A model against itself on the SDE: zero difference only if both draw the same noise at every step.
+    out = tmp_path / "report.json"
+    assert main(["compare", "--base", "shapes-flow", "--model", "shapes-flow", "--split", "train", "--n", "6",
+                 "--steps", "4", "--sampler", "sde", "--stochastic-steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["sampler"] == "sde" and report["settings"]["stochastic_steps"] == 2
+    assert all(row["diff"] == 0.0 for row in report["rows"].values())
 
 
 def test_unknown_method_exits_2_and_lists_methods():

@@ -180,6 +180,27 @@ def test_flow_grpo_sde_steps_sample_and_train_only_the_first_steps():
         _method(FlowGRPO, FlowGRPOConfig, sde_steps=9)
 
 
+def test_flow_grpo_shared_noise_starts_each_group_from_one_noise_and_branches_only_in_the_sde_steps(monkeypatch):
+    import reference_impls.algorithms.flow_grpo as flow_grpo
+
+    seen = {}
+    original = flow_grpo.collect
+
+    def spy(method, ctx, prompts, sampler=None, noise=None):  # noqa: ANN001, ANN202
+        batch = original(method, ctx, prompts, sampler, noise=noise)
+        seen.update(noise=noise, states=batch.trajectory.states)
+        return batch
+
+    monkeypatch.setattr(flow_grpo, "collect", spy)
+    _method(FlowGRPO, FlowGRPOConfig, sde_steps=2).train_step(step_context(0, 0))
+    assert seen["noise"] is None  # the paper's default: one initial noise per image
+    _method(FlowGRPO, FlowGRPOConfig, sde_steps=2, shared_noise=True).train_step(step_context(0, 0))
+    noise, states = seen["noise"], seen["states"]
+    assert torch.equal(states[:, 0], noise)
+    assert torch.equal(states[0, 0], states[1, 0]) and not torch.allclose(states[0, 0], states[2, 0])
+    assert not torch.allclose(states[0, 1], states[1, 1])  # the first SDE step separates the members
+
+
 def test_min_step_std_leaves_out_the_quiet_late_steps():
     method = _method(FlowGRPO, FlowGRPOConfig, num_steps=8, batch_size=2, minibatch_size=2)
     trajectory = rollout(method.policy, ["a red circle"] * 2, method.sampler(), torch.Generator().manual_seed(0))

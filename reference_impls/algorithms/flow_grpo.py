@@ -53,6 +53,7 @@ from reference_impls.algorithms.grpo_common import (
     grouped_prompts,
     grpo_advantages,
     grpo_update,
+    shared_initial_noise,
 )
 from reference_impls.sampling import SamplerConfig
 from reference_impls.training.method import Method, StepContext
@@ -78,6 +79,10 @@ class FlowGRPOConfig(GRPOConfig):
     sde_steps: int = 0
     """Sample with the SDE in the first N steps only and with the ODE after them, and train those N (0 = the
     SDE at every step, the paper). Every reward difference inside a group then comes from trained steps."""
+    shared_noise: bool = False
+    """All members of a group start from the same initial noise (DanceGRPO's and TempFlow-GRPO's seed groups;
+    the paper draws one per image). With ``sde_steps`` the group then shares its whole ODE start and differs
+    only through the trained steps' noise, so no part of the advantage is credit for the initial noise."""
 
     hierarchical: bool = False
     """AR3D-R1's hierarchical reward: early (coarse) steps are trained on ``coarse_reward``'s advantages,
@@ -156,10 +161,12 @@ class FlowGRPO(Method):
     # --8<-- [start:train_step]
     def train_step(self, ctx: StepContext) -> dict[str, float]:
         config = self.config
-        # 1. Collect: G images per prompt with the SDE sampler, each from its own initial noise.
+        # 1. Collect: G images per prompt with the SDE sampler, each from its own initial noise (or one per group).
         started = time.perf_counter()
         prompts = grouped_prompts(self, config.batch_size, config.group_size, ctx.rng)
-        batch = collect(self, ctx, prompts, self.sampler())
+        noise = (shared_initial_noise(self.policy, config.batch_size, config.group_size, ctx.generator)
+                 if config.shared_noise else None)
+        batch = collect(self, ctx, prompts, self.sampler(), noise=noise)
         rollout_s = time.perf_counter() - started
         # 2. Group-relative advantages: each image against the other images of its prompt.
         advantages = grpo_advantages(batch.rewards, config)
