@@ -49,6 +49,20 @@ def test_lora_training_moves_only_the_adapters_with_ratio_one_first():
     assert any(float(p.abs().max()) > 0 for p in lora_b)
 
 
+def test_lora_init_is_fixed_by_the_seed_not_by_the_global_generator():
+    def adapters(seed: int, scramble: int) -> list[torch.Tensor]:
+        config = FlowGRPOConfig(reward="jpeg-compressibility", batch_size=4, group_size=2, num_steps=4,
+                                minibatch_size=2, prompts="easy", lora_rank=4, seed=seed)
+        policy = tiny_policy("flow")
+        torch.manual_seed(scramble)  # whatever the caller did with torch's global generator before
+        method = FlowGRPO(policy=policy, reward=get_reward(config.reward), config=config)
+        return [p.detach().clone() for n, p in method.policy.denoiser.named_parameters() if "lora_A" in n]
+
+    first, again, other = adapters(0, scramble=1), adapters(0, scramble=2), adapters(1, scramble=1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_lora_run_writes_a_plain_final_model(tmp_path):
     records = run_smoke("flow-grpo", "jpeg-compressibility", tmp_path / "run", steps=2, lora_rank=4,
                         learning_rate=1e-2)

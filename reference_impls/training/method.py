@@ -88,7 +88,11 @@ class Method:
         if self.config.lora_rank:
             from reference_impls.models.lora import add_lora
 
-            add_lora(self.policy.denoiser, self.config.lora_rank, self.config.lora_alpha or None)
+            # The adapters' Gaussian init draws from torch's global generator: seed it from --seed (and put it
+            # back after), so a run is fixed by its config whoever calls it (the CLI or a benchmark).
+            with torch.random.fork_rng():
+                torch.manual_seed(self.config.seed)
+                add_lora(self.policy.denoiser, self.config.lora_rank, self.config.lora_alpha or None)
         if self.config.gradient_checkpointing:
             denoiser = self.policy.denoiser
             if not getattr(denoiser, "_supports_gradient_checkpointing", False):
