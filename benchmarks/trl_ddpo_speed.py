@@ -3,10 +3,11 @@
 Both train the same tiny Stable Diffusion pipeline (built and saved here) with the anchor's settings:
 batch 16 per epoch, minibatch 8, 20 DDIM steps with eta 1, CFG 5, lr 3e-4, clip 1e-4, advantage clip 5,
 batch-normalised advantages, prompt "a red circle", reward minus the JPEG size in kB, full fine-tuning,
-fp32, one torch thread each. ``rlvg train ddpo`` runs twice: recomputing one step of a minibatch per
-denoiser call (``--steps-per-call 1``, as trl does) and all 20 in one call (``--steps-per-call 0``).
+fp32, one torch thread each. ``rlvg train ddpo`` runs three ways: recomputing one step of a minibatch per
+denoiser call (``--steps-per-call 1``, as trl does) and all 20 in one call (``--steps-per-call 0``), and
+then the latter with the denoiser's weights in channels-last memory order (``--channels-last true``).
 
-Runs alternate in blocks (trl, ours x2, trl, ours x2, ...) so that a change of machine load hits
+Runs alternate in blocks (trl, ours x3, trl, ours x3, ...) so that a change of machine load hits
 every contender; the medians of the per-epoch times are compared. trl is not a dependency (it dropped
 DDPO in 0.24): install 0.23.1 beside the project as the anchor's docstring says and pass ``--trl-path``.
 
@@ -32,7 +33,8 @@ from benchmarks.common import machine_description, write_results
 SETTINGS = dict(preset="smoke", reward="jpeg-compressibility", prompts="a red circle", batch_size=16, minibatch_size=8,
                 num_steps=20, eta=1.0, guidance_scale=5.0, learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0,
                 per_prompt_stat_tracking=False, inner_epochs=1, timestep_fraction=1.0, min_step_std=0.0)
-VARIANTS = {"ours_steps_per_call_1": 1, "ours_steps_per_call_all": 0}
+VARIANTS = {"ours_steps_per_call_1": {"steps_per_call": 1}, "ours_steps_per_call_all": {"steps_per_call": 0},
+            "ours_steps_per_call_all_channels_last": {"steps_per_call": 0, "channels_last": True}}
 
 
 def trl_epochs(anchor: Path, trl_path: Path, pipeline: Path, epochs: int, work: Path) -> list[float]:
@@ -51,9 +53,8 @@ def our_methods(pipeline: Path) -> dict:
 
     cls = get_method("ddpo")
     methods = {}
-    for name, per_call in VARIANTS.items():
-        config = build_config(cls.config_class, cls.presets, {**SETTINGS, "model": str(pipeline),
-                                                              "steps_per_call": per_call})
+    for name, variant in VARIANTS.items():
+        config = build_config(cls.config_class, cls.presets, {**SETTINGS, "model": str(pipeline), **variant})
         torch.manual_seed(0)
         methods[name] = cls(policy=load_policy(config.model), reward=get_reward(config.reward), config=config)
     return methods
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-path", type=Path, required=True, help="folder with trl 0.23.1 installed (--target)")
     parser.add_argument("--anchor", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "anchors"
                         / "trl_ddpo_epoch.py", help="the anchor script that runs trl's DDPOTrainer")
-    parser.add_argument("--blocks", type=int, default=3, help="rounds of (trl, ours x2)")
+    parser.add_argument("--blocks", type=int, default=3, help="rounds of (trl, ours x3)")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per contender per round (the first is dropped)")
     args = parser.parse_args(argv)
     if not (args.trl_path / "trl").is_dir():

@@ -67,3 +67,23 @@ def test_ppo_ratio_is_one_at_the_first_inner_step_in_mixed_precision(precision: 
 def test_an_unknown_precision_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="no, bf16, fp16"):
         DDPOConfig(mixed_precision="fp8").validate()
+
+
+def test_channels_last_changes_the_memory_order_not_the_method() -> None:
+    def ddpo(channels_last: bool) -> DDPO:
+        torch.manual_seed(0)  # tiny_policy's random weights: the same for both
+        config = DDPOConfig(reward="jpeg-compressibility", batch_size=8, num_steps=4, minibatch_size=4,
+                            prompts="easy", channels_last=channels_last)
+        return DDPO(policy=tiny_policy("diffusion"), reward=get_reward(config.reward), config=config)
+
+    plain, fast = ddpo(False), ddpo(True)
+    convs = [m.weight for m in fast.policy.denoiser.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in plain.policy.denoiser.modules() if isinstance(m, torch.nn.Conv2d))
+    sampler = SamplerConfig("ddim", num_steps=4, eta=1.0)
+    trajectories = [rollout(m.policy, ["a red circle"] * 2, sampler, torch.Generator().manual_seed(0))
+                    for m in (plain, fast)]
+    torch.testing.assert_close(trajectories[1].images, trajectories[0].images, atol=1e-4, rtol=0)  # kernel rounding
+    metrics = fast.train_step(step_context(0, 0))
+    assert metrics["ratio_first"] == pytest.approx(1.0, abs=1e-6)

@@ -66,6 +66,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the denoiser's block activations during backward instead of storing them (diffusers'
     enable_gradient_checkpointing): less memory for about a third more compute."""
+    channels_last: bool = False
+    """Keep the denoiser's weights in channels-last memory order, which oneDNN's CPU convolutions (and cuDNN's
+    under bf16/fp16) run faster. Off by default: the results in benchmarks/ were measured without it, and a
+    different convolution kernel changes the last bits of every number (benchmarks/trl_ddpo_speed.py)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the trained weights, w_ema <- d w_ema + (1 - d) w after every
     optimiser step (0 = off). The final model folder then holds the averaged weights."""

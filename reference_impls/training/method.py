@@ -99,6 +99,8 @@ class Method:
                 raise ValueError(f"--gradient-checkpointing: {type(denoiser).__name__} does not support it "
                                  "(diffusers' UNet2DConditionModel and SD3Transformer2DModel do)")
             denoiser.enable_gradient_checkpointing()  # type: ignore[operator]
+        if self.config.channels_last:
+            self.policy.denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.policy.autocast_dtype = AUTOCAST_DTYPES[self.config.mixed_precision]
         self.policy.denoiser.train()
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.learning_rate,
