@@ -281,7 +281,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, model_config: TinyModelConfi
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), modules.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
