@@ -144,6 +144,7 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
         saved = load_extra_tensors(checkpoint)
         for index, average in enumerate(method.ema):
             average.copy_(saved[f"ema.{index}"])
+        method.load_extra_tensors(saved)
         start_step, samples_seen = int(state["step"]), int(state.get("samples_seen", 0))
         if main:
             wall_offset = run.truncate_metrics(start_step)
@@ -188,7 +189,8 @@ def train(method: Method, out_dir: Path, resume: bool = False, progress: bool = 
             if checkpoint_now:
                 save_checkpoint(run.checkpoints, done, method.trained_module(), method.optimizer,
                                 {"samples_seen": samples_seen, "method": method.state_dict()},
-                                {f"ema.{i}": average for i, average in enumerate(method.ema)})
+                                {**{f"ema.{i}": average for i, average in enumerate(method.ema)},
+                                 **method.extra_tensors()})
                 prune_checkpoints(run.checkpoints)
                 last_good = done
             distributed.wait()

@@ -185,3 +185,10 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the trained weights that a resumed run needs (DiffusionNFT's old policy)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        del tensors
