@@ -114,3 +114,11 @@ def test_smoke_run_resumes_with_the_old_policy_restored(tmp_path):
                         checkpoint_every=2, resume=True)
     losses = [r["loss"] for r in full if "loss" in r]
     assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx(losses, rel=1e-6)
+
+
+def test_smoke_run_raises_the_reward(tmp_path):
+    records = run_smoke("diffusion-nft", "jpeg-incompressibility", tmp_path / "run", model="shapes-flow")
+    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    assert len(rewards) >= 4
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+    assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
