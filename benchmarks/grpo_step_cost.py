@@ -5,7 +5,9 @@ denoising steps; only its own mechanism differs (Flow-GRPO trains every SDE step
 fraction of them, MixGRPO the steps of its SDE window, TempFlow-GRPO one branching step per group).
 Iterations are timed round-robin (A, B, C, D, A, B, ...) and summarised by the median, and each is
 reported as a ratio to Flow-GRPO, next to the number of denoiser forward+backward passes per image that
-its update made. MixGRPO's saving shows as fewer trained steps and a ratio below 1.
+its update made. MixGRPO's saving shows as fewer trained steps and a ratio below 1. DiffusionNFT is timed
+beside them: it samples with the ODE and its "trained steps" are the noise levels each clean image is
+fitted at (a forward pass of the old and reference models and a forward+backward of the trained one each).
 
     python -m benchmarks.grpo_step_cost [--quick]
 """
@@ -26,7 +28,7 @@ from reference_impls.rewards import get_reward
 from reference_impls.training import build_config
 from reference_impls.training.method import Method, step_context
 
-VARIANTS = ("flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo")
+VARIANTS = ("flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo", "diffusion-nft")
 SHARED_SETTINGS = dict(model="shapes-flow", reward="shapes-composition", batch_size=32, group_size=8,
                        num_steps=10, minibatch_size=32, eval_every=0, seed=0)
 

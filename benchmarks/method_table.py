@@ -60,7 +60,9 @@ def default_reward(cls, world: str = "shapes") -> str:  # noqa: ANN001
         return "motion-learned" if cls.needs_differentiable_reward else "motion-composition"
     if cls.needs_differentiable_reward:
         return "shapes-learned" if "shapes-learned" in REWARDS else "prompt-colour"
-    return "shapes-composition"
+    own = cls.config_class.__dataclass_fields__["reward"].default
+    # A method whose config names a ShapeWorld reward is measured with it (DiffusionNFT: shapes-accuracy).
+    return own if str(own).startswith("shapes-") else "shapes-composition"
 
 
 def _default_model(cls) -> str:  # noqa: ANN001

@@ -122,3 +122,12 @@ def test_smoke_run_raises_the_reward(tmp_path):
     assert len(rewards) >= 4
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
+
+
+def test_results_row_uses_the_reward_its_config_names():
+    from benchmarks.method_table import default_reward
+
+    from reference_impls.algorithms import get_method
+
+    assert default_reward(get_method("diffusion-nft")) == "shapes-accuracy"
+    assert default_reward(get_method("flow-grpo")) == "shapes-composition"

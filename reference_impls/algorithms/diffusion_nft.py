@@ -60,6 +60,8 @@ class DiffusionNFTConfig(TrainConfig):
 
     model: str = "shapes-flow"
     """Shipped flow model name (shapes-flow) or a local flow checkpoint/pipeline folder."""
+    reward: str = "shapes-accuracy"
+    """Reward name; the default is ShapeWorld's binary accuracy (1 when the image is exactly what was asked)."""
     group_size: int = 8
     """Images sampled per prompt; rewards are centred within each prompt's group."""
     std_scope: str = "batch"
@@ -196,6 +198,7 @@ class DiffusionNFT(Method):
             "r_abs_dev": float((r - 0.5).abs().mean()),
             "grad_norm": sum(norms) / len(norms),
             "old_decay": decay,
+            "trained_steps": float(max(1, round(config.timestep_fraction * config.num_steps))),
             "time_rollout_s": rollout_s,
             "time_update_s": time.perf_counter() - started,
         }
