@@ -126,7 +126,6 @@ def test_smoke_run_raises_the_reward(tmp_path):
 
 def test_results_row_uses_the_reward_its_config_names():
     from benchmarks.method_table import default_reward
-
     from reference_impls.algorithms import get_method
 
     assert default_reward(get_method("diffusion-nft")) == "shapes-accuracy"
