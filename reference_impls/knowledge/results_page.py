@@ -321,7 +321,8 @@ def _grpo_cost_section() -> str:
             "One outer iteration (collect, score, update) of each GRPO variant with the same model, reward, batch, "
             "group size and number of denoising steps; only the variant's own mechanism differs. Iterations are "
             "timed round-robin and summarised by the median; the last column is the ratio to Flow-GRPO. "
-            "Measured by `python -m benchmarks.grpo_step_cost`.\n"]
+            "DiffusionNFT is timed beside them: its rollouts use the ODE, and its trained steps are the noise levels "
+            "each clean image is fitted at. Measured by `python -m benchmarks.grpo_step_cost`.\n"]
     if not data:
         return "\n".join(text) + _missing("grpo_step_cost")
     settings = data.get("settings", {})
