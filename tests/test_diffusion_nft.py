@@ -106,12 +106,10 @@ def test_rollouts_come_from_the_old_policy(monkeypatch):
 
 
 def test_smoke_run_resumes_with_the_old_policy_restored(tmp_path):
-    full = run_smoke("diffusion-nft", "prompt-colour", tmp_path / "full", model="shapes-flow", steps=3,
-                     checkpoint_every=2)
-    run_smoke("diffusion-nft", "prompt-colour", tmp_path / "resumed", model="shapes-flow", steps=2,
-              checkpoint_every=2)
-    resumed = run_smoke("diffusion-nft", "prompt-colour", tmp_path / "resumed", model="shapes-flow", steps=3,
-                        checkpoint_every=2, resume=True)
+    small = dict(model="shapes-flow", checkpoint_every=1, eval_prompts=4, batch_size=8, minibatch_size=4)
+    full = run_smoke("diffusion-nft", "prompt-colour", tmp_path / "full", steps=2, **small)
+    run_smoke("diffusion-nft", "prompt-colour", tmp_path / "resumed", steps=1, **small)
+    resumed = run_smoke("diffusion-nft", "prompt-colour", tmp_path / "resumed", steps=2, resume=True, **small)
     losses = [r["loss"] for r in full if "loss" in r]
     assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx(losses, rel=1e-6)
 
