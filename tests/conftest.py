@@ -14,6 +14,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["MPLBACKEND"] = "Agg"  # as on a headless CI host; the notebook pipeline must still show figures
+# Subprocesses (the CLI, the site build, notebook kernels) inherit one torch thread: the suite runs on two
+# workers over two cores, and a child with a thread per core beside the other worker ran 2-3x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -137,6 +137,11 @@ def execute(
     # would swallow every figure, so the kernel is told to use the inline backend explicitly.
     previous_backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = INLINE_BACKEND
+    # One torch thread in the kernel unless the caller chose: the notebooks' models are tiny, and a kernel
+    # with a thread per core beside other work (a test worker, another notebook) ran the denoising-MDP
+    # notebook in 37 s instead of 15 s on 2 shared cores.
+    threads_chosen = "OMP_NUM_THREADS" in os.environ
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         papermill.execute_notebook(
             str(path),
@@ -148,6 +153,8 @@ def execute(
             execution_timeout=timeout_s,
         )
     finally:
+        if not threads_chosen:
+            os.environ.pop("OMP_NUM_THREADS", None)
         if previous_backend is None:
             os.environ.pop("MPLBACKEND", None)
         else:
