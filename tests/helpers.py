@@ -67,3 +67,25 @@ def write_tiny_video_checkpoints(root: Path) -> dict[str, Path]:
     write_checkpoint_atomically(video, root / "video", TINY, {"note": "tiny random"})
     derive_vp_diffusion_from_flow(root / "video", root / "video-diffusion")
     return {"image": root / "image", "video": root / "video", "video-diffusion": root / "video-diffusion"}
+
+
+def paired_reward_gain(run_dir: Path, base_model: str, reward: str, prompt: str, n: int = 32,
+                       num_steps: int = 6, seed: int = 1234) -> float:
+    """Mean reward of the trained model minus the base's, on the same prompt and the same initial noise.
+
+    Pairing removes the batch-to-batch noise of the logged ``reward_mean`` (SD about 0.02 on 16 images of one
+    smoke prompt), so a smoke run's small, consistent change shows with a few dozen images.
+    """
+    from reference_impls.evaluation import generate
+    from reference_impls.sampling import SamplerConfig
+
+    sampler = SamplerConfig("ddim", num_steps=num_steps, eta=1.0)
+    score = get_reward(reward)
+    prompts = [prompt] * n
+    means = []
+    for model in (base_model, str(run_dir / "final")):
+        policy = load_policy(model)
+        policy.denoiser.eval()
+        with torch.no_grad():
+            means.append(float(score(generate(policy, prompts, sampler, seed), prompts).mean()))
+    return means[1] - means[0]
