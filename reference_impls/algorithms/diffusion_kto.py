@@ -76,8 +76,9 @@ class DiffusionKTOConfig(DiffusionDPOConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # JPEG compressibility (as DDPO's smoke run), the best 30% of the bank's images liked (before noise).
-    "smoke": dict(steps=8, batch_size=16, num_pairs=32, bank_steps=10, num_steps=6, learning_rate=3e-5,
+    # JPEG compressibility (as DDPO's smoke run), the best 30% of the bank's images liked (before noise). At
+    # lr 1e-4 the paired reward gain over the base is +0.06 in 8 updates; at 3e-5 it was +0.01 (the page).
+    "smoke": dict(steps=8, batch_size=16, num_pairs=32, bank_steps=10, num_steps=6, learning_rate=1e-4,
                   reward="jpeg-compressibility", labeller_temperature=0.02, like_quantile=0.7, eval_every=0,
                   eval_prompts=8, checkpoint_every=4, prompts="easy"),
     "cpu": dict(steps=40, batch_size=32, num_pairs=256, bank_steps=10, num_steps=10, learning_rate=1e-5,
