@@ -76,16 +76,10 @@ def paired_reward_gain(run_dir: Path, base_model: str, reward: str, prompt: str,
     Pairing removes the batch-to-batch noise of the logged ``reward_mean`` (SD about 0.02 on 16 images of one
     smoke prompt), so a smoke run's small, consistent change shows with a few dozen images.
     """
-    from reference_impls.evaluation import generate
+    from reference_impls.comparison import score_model
     from reference_impls.sampling import SamplerConfig
 
     sampler = SamplerConfig("ddim", num_steps=num_steps, eta=1.0)
-    score = get_reward(reward)
-    prompts = [prompt] * n
-    means = []
-    for model in (base_model, str(run_dir / "final")):
-        policy = load_policy(model)
-        policy.denoiser.eval()
-        with torch.no_grad():
-            means.append(float(score(generate(policy, prompts, sampler, seed), prompts).mean()))
-    return means[1] - means[0]
+    base, trained = (score_model(load_policy(model), [prompt], sampler, seed, samples_per_prompt=n,
+                                 reward_name=reward) for model in (base_model, str(run_dir / "final")))
+    return float(trained.reward.mean() - base.reward.mean())
