@@ -209,7 +209,8 @@ def test_preference_bank_is_deterministic_and_cached(tmp_path, monkeypatch):
 # -- smoke runs on the shipped model -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bank_cache(tmp_path_factory):
-    """One preference-bank cache for the module: Diffusion-DPO builds the bank, Diffusion-KTO reuses it."""
+    """One preference-bank cache for the module's smoke runs (a bank is keyed by weights, prompts, sampler,
+    seed and reward, so each reward's bank is built once)."""
     return str(tmp_path_factory.mktemp("preference-banks"))
 
 
