@@ -70,16 +70,17 @@ def write_tiny_video_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def paired_reward_gain(run_dir: Path, base_model: str, reward: str, prompt: str, n: int = 32,
-                       num_steps: int = 6, seed: int = 1234) -> float:
+                       num_steps: int = 6, seed: int = 1234, sampler: str = "ddim") -> float:
     """Mean reward of the trained model minus the base's, on the same prompt and the same initial noise.
 
     Pairing removes the batch-to-batch noise of the logged ``reward_mean`` (SD about 0.02 on 16 images of one
-    smoke prompt), so a smoke run's small, consistent change shows with a few dozen images.
+    smoke prompt), so a smoke run's small, consistent change shows with a few dozen images. ``sampler``: ddim
+    (eta 1) for diffusion models, sde or ode for flow models.
     """
     from reference_impls.comparison import score_model
     from reference_impls.sampling import SamplerConfig
 
-    sampler = SamplerConfig("ddim", num_steps=num_steps, eta=1.0)
-    base, trained = (score_model(load_policy(model), [prompt], sampler, seed, samples_per_prompt=n,
+    config = SamplerConfig(sampler, num_steps=num_steps, eta=1.0)  # type: ignore[arg-type]
+    base, trained = (score_model(load_policy(model), [prompt], config, seed, samples_per_prompt=n,
                                  reward_name=reward) for model in (base_model, str(run_dir / "final")))
     return float(trained.reward.mean() - base.reward.mean())

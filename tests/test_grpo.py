@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_smoke, tiny_policy, training_rewards
+from helpers import paired_reward_gain, run_smoke, tiny_policy, training_rewards
 
 from reference_impls.algorithms.dance_grpo import DanceGRPO, DanceGRPOConfig
 from reference_impls.algorithms.estimators import gaussian_mean_kl, group_advantages, ppo_clip_loss
@@ -339,11 +339,16 @@ def test_tempflow_step_trains_one_branch_step_per_sample_with_ratio_one_first():
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo"])
-def test_smoke_run_raises_the_reward_with_ratio_one_at_the_first_inner_step(method: str, tmp_path):
+def test_smoke_run_raises_the_reward_judged_paired_with_ratio_one_at_the_first_inner_step(method: str, tmp_path):
+    # Judged on the trained model against the base, same prompt and same initial noise (6-step ODE, 32 images),
+    # not on the logged batch means, whose batch-to-batch noise is as large as a smoke run's effect. Measured on
+    # two noise seeds: flow-grpo +0.074 / +0.100 kB, dance-grpo +0.074 / +0.079, mix-grpo +0.273 / +0.247,
+    # tempflow-grpo +0.293 / +0.258; a model compared with itself gives exactly 0.
     records = run_smoke(method, "jpeg-incompressibility", tmp_path / "run")
-    rewards = training_rewards(records)
-    assert len(rewards) >= 4
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+    assert len(training_rewards(records)) >= 4
+    gain = paired_reward_gain(tmp_path / "run", "shapes-flow", "jpeg-incompressibility", "a red circle",
+                              sampler="ode")
+    assert gain > 0.03, gain
     assert all(r["ratio_first"] == pytest.approx(1.0, abs=1e-6) for r in records if "ratio_first" in r)
     assert (tmp_path / "run" / "final" / "rlvg_model.json").exists()
 
