@@ -20,7 +20,7 @@ optimiser step replaced by "keep the gradient, take no step". Then
 The intervals are 95% bootstrap intervals over batches (pairs of a batch with itself are left out).
 Each row runs in its own process so rows can run in parallel (one torch thread each)::
 
-    python -m benchmarks.gradient_agreement [ROW ...] [--batches 10]
+    python -m benchmarks.gradient_agreement [ROW ...] [--batches 30] [--set KEY=VALUE ...]
 
 Rows: flow-grpo (the preset: independent initial noise, SDE in the first 3 of 8 steps), flow-grpo-shared
 (``--shared-noise true``), flow-grpo-every-step (the paper's SDE at every step, the last one not trained),
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, machine_description, write_results
+from benchmarks.method_table import parse_overrides
 from reference_impls.algorithms import get_method
 from reference_impls.models import load_policy
 from reference_impls.rewards import get_reward
@@ -74,12 +75,13 @@ def parse_row(row: str) -> tuple[str, bool]:
     return name, bool(control)
 
 
-def build_method(row: str, seed: int) -> Method:
+def build_method(row: str, seed: int, overrides: dict | None = None) -> Method:
     name, control = parse_row(row)
     method_name, model, settings = ROWS[name]
     cls = get_method(method_name)
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", "model": model, "reward": REWARD,
-                                                           "seed": seed, "batch_size": BATCH_IMAGES, **settings})
+                                                           "seed": seed, "batch_size": BATCH_IMAGES, **settings,
+                                                           **(overrides or {})})
     reward = random_reward(seed + 7) if control else get_reward(REWARD)
     return cls(policy=load_policy(model), reward=reward, config=config)
 
@@ -155,13 +157,18 @@ def describe(result: dict) -> str:
     return f"{point:,.0f} [{low:,.0f}, {high:,.0f}]"
 
 
-def measure(row: str, batches: int, seed: int) -> dict:
+def row_label(row: str, overrides: dict) -> str:
+    """The row's key in the results: its name, then any --set changes in brackets."""
+    return row + "".join(f" [{k}={v}]" for k, v in sorted(overrides.items()))
+
+
+def measure(row: str, batches: int, seed: int, overrides: dict | None = None) -> dict:
     torch.manual_seed(seed)
-    method = build_method(row, seed)
+    method = build_method(row, seed, overrides)
     started = time.perf_counter()
     gradients = torch.stack([batch_gradient(method, 10_000 + seed * 1_000 + b) for b in range(batches)])
     summary = summarise(gradients, seed)
-    summary.update({"row": row, "seconds": time.perf_counter() - started, "reward": REWARD,
+    summary.update({"row": row, "settings": overrides or {}, "seconds": time.perf_counter() - started, "reward": REWARD,
                     "trainable_weights": int(gradients.shape[1])})
     return summary
 
@@ -171,14 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", nargs="*", default=list(ROWS), help=f"default: {' '.join(ROWS)}")
     parser.add_argument("--batches", type=int, default=30, help="independent batches per row (default 30)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of every row's preset (repeatable); rows are stored labelled with it")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
     if args.batches < 3:
         parser.error(f"--batches must be at least 3, got {args.batches}")
     torch.set_num_threads(1)
     for row in args.rows:
         parse_row(row)  # fail on a bad row name before any row runs
     for row in args.rows:
-        result = measure(row, args.batches, args.seed)
+        result = measure(row, args.batches, args.seed, overrides)
+        row = row_label(row, overrides)
         print(f"{row:24s} cosine {result['pairwise_cosine']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
               f"  images for cosine 0.5: {describe(result)}  ({result['seconds']:.0f} s)")
         merge(row, result)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_policy
 
-from benchmarks.gradient_agreement import batch_gradient, describe, parse_row, summarise
+from benchmarks.gradient_agreement import batch_gradient, describe, parse_row, row_label, summarise
 from reference_impls.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from reference_impls.rewards import get_reward
 
@@ -40,8 +40,9 @@ def test_pure_noise_has_no_signal_and_an_interval_across_zero():
     assert noise["images_for_cosine_half_high"] is None and "no signal detected" in describe(noise)
 
 
-def test_unknown_rows_are_refused_with_the_valid_names():
+def test_rows_are_parsed_and_labelled_and_unknown_ones_refused_with_the_valid_names():
     assert parse_row("flow-grpo:random") == ("flow-grpo", True)
+    assert row_label("flow-grpo", {"noise_level": 1.0, "group_size": 16}) == "flow-grpo [group_size=16] [noise_level=1.0]"
     with pytest.raises(SystemExit, match="valid rows: flow-grpo, flow-grpo-shared"):
         parse_row("flow-grpo:shuffled")
 
