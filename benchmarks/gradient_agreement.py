@@ -75,15 +75,20 @@ def parse_row(row: str) -> tuple[str, bool]:
     return name, bool(control)
 
 
-def build_method(row: str, seed: int, overrides: dict | None = None) -> Method:
-    name, control = parse_row(row)
-    method_name, model, settings = ROWS[name]
+def row_config(row: str, seed: int, overrides: dict | None = None):  # noqa: ANN201
+    """The row's method class and its validated config (raises ValueError on an unknown or invalid setting)."""
+    method_name, model, settings = ROWS[parse_row(row)[0]]
     cls = get_method(method_name)
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", "model": model, "reward": REWARD,
                                                            "seed": seed, "batch_size": BATCH_IMAGES, **settings,
                                                            **(overrides or {})})
-    reward = random_reward(seed + 7) if control else get_reward(REWARD)
-    return cls(policy=load_policy(model), reward=reward, config=config)
+    return cls, config
+
+
+def build_method(row: str, seed: int, overrides: dict | None = None) -> Method:
+    cls, config = row_config(row, seed, overrides)
+    reward = random_reward(seed + 7) if parse_row(row)[1] else get_reward(REWARD)
+    return cls(policy=load_policy(config.model), reward=reward, config=config)
 
 
 def batch_gradient(method: Method, batch_seed: int) -> torch.Tensor:
@@ -188,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 3:
         parser.error(f"--batches must be at least 3, got {args.batches}")
     torch.set_num_threads(1)
-    for row in args.rows:
-        parse_row(row)  # fail on a bad row name before any row runs
+    for row in args.rows:  # fail on a bad row name or setting before any row runs
+        try:
+            row_config(row, args.seed, overrides)
+        except ValueError as error:
+            parser.error(f"{row}: {error}")
     for row in args.rows:
         result = measure(row, args.batches, args.seed, overrides)
         row = row_label(row, overrides)
