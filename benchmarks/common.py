@@ -108,6 +108,23 @@ def write_results(name: str, payload: dict, directory: Path = RESULTS_DIR) -> Pa
     return path
 
 
+def merge_results(path: Path, section: str, entries: dict, **fields: object) -> dict:
+    """Add ``entries`` to ``path``'s ``section`` (a dict of named entries) and set ``fields``, read-modify-write
+    under a file lock and replaced atomically, so that processes measuring in parallel all land."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        existing.setdefault(section, {}).update(entries)
+        existing.update(fields)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(existing, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+        partial.replace(path)
+    return existing
+
+
 def _jsonable(value: object) -> object:
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)  # type: ignore[arg-type]

@@ -30,14 +30,12 @@ diffusion-nft (its preset), ddpo (on ``shapes-diffusion``), and ``ROW:random`` f
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_description, write_results
+from benchmarks.common import RESULTS_DIR, machine_description, merge_results
 from benchmarks.method_table import parse_overrides
 from reference_impls.algorithms import get_method
 from reference_impls.models import load_policy
@@ -208,14 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge(row: str, result: dict) -> None:
-    """Read-modify-write under a file lock, so that rows measured in parallel processes all land."""
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(RESULTS.read_text(encoding="utf-8")).get("rows", {}) if RESULTS.exists() else {}
-        rows[row] = result
-        write_results(RESULTS.stem, {"machine": machine_description(), "batch_images": BATCH_IMAGES,
-                                     "rows": dict(sorted(rows.items()))})
-
+    merge_results(RESULTS, "rows", {row: result}, machine=machine_description(), batch_images=BATCH_IMAGES)
 
 if __name__ == "__main__":
     raise SystemExit(main())

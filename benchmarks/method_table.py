@@ -22,7 +22,6 @@ Seeds of one method can run in parallel processes (one thread each) and be gathe
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, format_table, machine_description
+from benchmarks.common import RESULTS_DIR, format_table, machine_description, merge_results
 from reference_impls.algorithms import METHODS
 from reference_impls.comparison import ModelScores, compare_scores, comparison_prompts, score_model
 from reference_impls.evaluation import default_eval_sampler
@@ -245,17 +244,8 @@ def method_row(name: str, seeds: list[dict], quick: bool, cache_dir: Path, overr
 
 
 def merge_row(name: str, row: dict, results: Path = RESULTS) -> dict:
-    """Read-modify-write under a file lock, so that tables run in parallel processes all land."""
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        existing = json.loads(results.read_text(encoding="utf-8")) if results.exists() else {"rows": {}}
-        existing["rows"][name] = row
-        existing["machine"] = machine_description()
-        partial = results.with_suffix(".partial")
-        partial.write_text(json.dumps(existing, indent=2) + "\n", encoding="utf-8")
-        partial.replace(results)
-    return existing
+    """Add one row to the results file, so that tables run in parallel processes all land."""
+    return merge_results(results, "rows", {name: row}, machine=machine_description())
 
 
 def main(argv: list[str] | None = None) -> int:

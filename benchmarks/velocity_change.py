@@ -16,13 +16,11 @@ Writes ``benchmarks/results/velocity_change.json`` (one entry per run folder, me
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_description, write_results
+from benchmarks.common import RESULTS_DIR, machine_description, merge_results
 from reference_impls.comparison import comparison_prompts
 from reference_impls.models import load_policy
 from reference_impls.models.policy import GenerativePolicy
@@ -80,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          "per_level": dict(zip((f"{t:.3f}" for t in LEVELS), per_level))}
         print(f"{run}: mean squared velocity change {measured[run]['mean']:.2e}; by t = 1/8 .. 1: "
               + " ".join(f"{c:.1e}" for c in per_level))
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        runs = json.loads(RESULTS.read_text(encoding="utf-8")).get("runs", {}) if RESULTS.exists() else {}
-        runs.update(measured)
-        write_results(RESULTS.stem, {"machine": machine_description(), "prompts": PROMPTS, "runs": runs})
+    merge_results(RESULTS, "runs", measured, machine=machine_description(), prompts=PROMPTS)
     return 0
 
 
