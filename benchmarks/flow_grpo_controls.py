@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_description, write_results
+from benchmarks.common import RESULTS_DIR, machine_description, merge_results
 from reference_impls.algorithms import get_method
 from reference_impls.comparison import compare_scores, comparison_prompts, score_model
 from reference_impls.evaluation import default_eval_sampler
@@ -93,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = result["rows"]
         print(result["control"], " ".join(f"{k} {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
                                           for k, v in rows.items()))
-    # one entry per control, so controls run in separate processes all land
-    path = RESULTS_DIR / "flow_grpo_controls.json"
-    runs = json.loads(path.read_text(encoding="utf-8")).get("runs", {}) if path.exists() else {}
-    runs.update({r["control"]: r for r in results})
-    write_results("flow_grpo_controls", {"machine": machine_description(), "model": args.model, "runs": runs})
+    # one entry per control, merged under a lock, so controls run in separate processes all land
+    merge_results(RESULTS_DIR / "flow_grpo_controls.json", "runs", {r["control"]: r for r in results},
+                  machine=machine_description(), model=args.model)
     return 0
 
 
