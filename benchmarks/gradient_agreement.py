@@ -160,9 +160,10 @@ def describe(result: dict) -> str:
     return f"{point:,.0f} [{low:,.0f}, {high:,.0f}]"
 
 
-def row_label(row: str, overrides: dict) -> str:
-    """The row's key in the results: its name, then any --set changes in brackets."""
-    return row + "".join(f" [{k}={v}]" for k, v in sorted(overrides.items()))
+def row_label(row: str, overrides: dict, seed: int = 0) -> str:
+    """The row's key in the results: its name, then any --set changes and a non-default --seed in brackets
+    (so a repeat with other batches is stored beside the first measurement, not over it)."""
+    return row + "".join(f" [{k}={v}]" for k, v in sorted(overrides.items())) + (f" [seed={seed}]" if seed else "")
 
 
 def measure(row: str, batches: int, seed: int, overrides: dict | None = None) -> dict:
@@ -171,8 +172,8 @@ def measure(row: str, batches: int, seed: int, overrides: dict | None = None) ->
     started = time.perf_counter()
     gradients = torch.stack([batch_gradient(method, 10_000 + seed * 1_000 + b) for b in range(batches)])
     summary = summarise(gradients, seed)
-    summary.update({"row": row, "settings": overrides or {}, "seconds": time.perf_counter() - started, "reward": REWARD,
-                    "trainable_weights": int(gradients.shape[1])})
+    summary.update({"row": row, "settings": overrides or {}, "seed": seed, "seconds": time.perf_counter() - started,
+                    "reward": REWARD, "trainable_weights": int(gradients.shape[1])})
     return summary
 
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{row}: {error}")
     for row in args.rows:
         result = measure(row, args.batches, args.seed, overrides)
-        row = row_label(row, overrides)
+        row = row_label(row, overrides, args.seed)
         print(f"{row:24s} cosine {result['pairwise_cosine']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
               f"  images for cosine 0.5: {describe(result)}  ({result['seconds']:.0f} s)")
         merge(row, result)

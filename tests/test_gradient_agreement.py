@@ -43,6 +43,8 @@ def test_pure_noise_has_no_signal_and_an_interval_across_zero():
 def test_rows_are_parsed_and_labelled_and_unknown_ones_refused_with_the_valid_names():
     assert parse_row("flow-grpo:random") == ("flow-grpo", True)
     assert row_label("flow-grpo", {"noise_level": 1.0, "group_size": 16}) == "flow-grpo [group_size=16] [noise_level=1.0]"
+    assert row_label("flow-grpo", {"sde_steps": 2}, seed=1) == "flow-grpo [sde_steps=2] [seed=1]"
+    assert row_label("flow-grpo", {}, seed=0) == "flow-grpo"
     with pytest.raises(SystemExit, match="valid rows: flow-grpo, flow-grpo-shared"):
         parse_row("flow-grpo:shuffled")
 
