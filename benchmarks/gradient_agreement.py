@@ -202,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         row = row_label(row, overrides, args.seed)
         print(f"{row:24s} cosine {result['pairwise_cosine']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
               f"  images for cosine 0.5: {describe(result)}  ({result['seconds']:.0f} s)")
-        merge(row, result)
+        merge_results(RESULTS, "rows", {row: result}, machine=machine_description(), batch_images=BATCH_IMAGES)
     return 0
 
-
-def merge(row: str, result: dict) -> None:
-    merge_results(RESULTS, "rows", {row: result}, machine=machine_description(), batch_images=BATCH_IMAGES)
 
 if __name__ == "__main__":
     raise SystemExit(main())

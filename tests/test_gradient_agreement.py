@@ -62,13 +62,3 @@ def test_batch_gradient_is_the_train_steps_gradient_and_moves_no_weight():
     assert first.norm() > 0 and torch.equal(first, again)  # same batch at the same weights: the same gradient
     assert not torch.allclose(first, other)
 
-
-def test_results_are_merged_entry_by_entry_and_replaced_atomically(tmp_path):
-    from benchmarks.common import merge_results
-
-    path = tmp_path / "results.json"
-    merge_results(path, "rows", {"a": {"x": 1}}, machine="m1")
-    merge_results(path, "rows", {"b": {"x": 2}}, machine="m2")
-    merged = merge_results(path, "rows", {"a": {"x": 3}})
-    assert merged == {"rows": {"a": {"x": 3}, "b": {"x": 2}}, "machine": "m2"}
-    assert not path.with_suffix(".partial").exists()

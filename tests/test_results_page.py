@@ -155,3 +155,14 @@ def test_method_table_overrides_parse_to_typed_settings_and_label_the_variant() 
     assert _settings("ddpo", False, {"min_step_std": 0.3})["min_step_std"] == 0.3
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["min_step_std"])
+
+
+def test_results_are_merged_entry_by_entry_and_replaced_atomically(tmp_path):
+    from benchmarks.common import merge_results
+
+    path = tmp_path / "results.json"
+    merge_results(path, "rows", {"a": {"x": 1}}, machine="m1")
+    merge_results(path, "rows", {"b": {"x": 2}}, machine="m2")
+    merged = merge_results(path, "rows", {"a": {"x": 3}})
+    assert merged == {"rows": {"a": {"x": 3}, "b": {"x": 2}}, "machine": "m2"}
+    assert not path.with_suffix(".partial").exists()
