@@ -8,6 +8,8 @@ reported as a ratio to Flow-GRPO, next to the number of denoiser forward+backwar
 its update made. MixGRPO's saving shows as fewer trained steps and a ratio below 1. DiffusionNFT is timed
 beside them: it samples with the ODE and its "trained steps" are the noise levels each clean image is
 fitted at (a forward pass of the old and reference models and a forward+backward of the trained one each).
+Flow-GRPO is also timed without its KL term (``kl_coef=0``): the term needs a forward pass of the frozen
+reference at every trained step, and it stayed inert (under 2e-5 per pixel) in every measured CPU run.
 
     python -m benchmarks.grpo_step_cost [--quick]
 """
@@ -28,14 +30,22 @@ from reference_impls.rewards import get_reward
 from reference_impls.training import build_config
 from reference_impls.training.method import Method, step_context
 
-VARIANTS = ("flow-grpo", "dance-grpo", "mix-grpo", "tempflow-grpo", "diffusion-nft")
+# Row label -> (method, settings that differ from its cpu preset).
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "flow-grpo": ("flow-grpo", {}),
+    "flow-grpo, no KL term": ("flow-grpo", {"kl_coef": 0.0}),
+    "dance-grpo": ("dance-grpo", {}),
+    "mix-grpo": ("mix-grpo", {}),
+    "tempflow-grpo": ("tempflow-grpo", {}),
+    "diffusion-nft": ("diffusion-nft", {}),
+}
 SHARED_SETTINGS = dict(model="shapes-flow", reward="shapes-composition", batch_size=32, group_size=8,
                        num_steps=10, minibatch_size=32, eval_every=0, seed=0)
 
 
-def build(name: str) -> Method:
+def build(name: str, overrides: dict[str, object]) -> Method:
     cls = METHODS[name]
-    config = build_config(cls.config_class, cls.presets, {"preset": "cpu", **SHARED_SETTINGS})
+    config = build_config(cls.config_class, cls.presets, {"preset": "cpu", **SHARED_SETTINGS, **overrides})
     return cls(policy=load_policy(config.model), reward=get_reward(config.reward, config.reward_model or None), config=config)
 
 
@@ -47,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else 6
-    methods = {name: build(name) for name in VARIANTS}
+    methods = {label: build(name, overrides) for label, (name, overrides) in VARIANTS.items()}
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     rollout: dict[str, list[float]] = {name: [] for name in VARIANTS}
     trained: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -64,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             trained[name].append(metrics.get("trained_steps", float("nan")))
     baseline = statistics.median(seconds["flow-grpo"])
     rows = []
-    for name in VARIANTS:
+    for name, (method_name, overrides) in VARIANTS.items():
         median = statistics.median(seconds[name])
-        rows.append({"method": name, "bib_key": METHODS[name].bib_key, "median_step_s": median,
+        rows.append({"method": method_name, "variant": name, "settings": overrides,
+                     "bib_key": METHODS[method_name].bib_key, "median_step_s": median,
                      "median_rollout_s": statistics.median(rollout[name]),
                      "trained_steps_per_image": statistics.median(trained[name]),
                      "ratio_to_flow_grpo": median / baseline})
-    print(format_table(["method", "step (s)", "rollout (s)", "trained steps / image", "ratio to Flow-GRPO"],
-                       [[r["method"], r["median_step_s"], r["median_rollout_s"], r["trained_steps_per_image"],
+    print(format_table(["variant", "step (s)", "rollout (s)", "trained steps / image", "ratio to Flow-GRPO"],
+                       [[r["variant"], r["median_step_s"], r["median_rollout_s"], r["trained_steps_per_image"],
                          r["ratio_to_flow_grpo"]] for r in rows]))
     if args.quick:
         return 0

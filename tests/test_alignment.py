@@ -17,6 +17,7 @@ from reference_impls.worlds import (
     evaluate,
     evaluate_batch,
     layout,
+    matched_score,
     parse_prompt,
     prompt_split,
     prompt_task,
@@ -91,6 +92,28 @@ def test_the_gameable_criteria_score_pays_for_extra_objects_and_the_matched_scor
     composition = get_reward("shapes-composition")(images, ["a red circle"] * 2)
     criteria = get_reward("shapes-criteria")(images, ["a red circle"] * 2)
     assert composition.tolist() == pytest.approx([0.5, 1.0]) and criteria.tolist() == pytest.approx([2 / 3, 1.0])
+
+
+def test_the_extra_object_cost_is_a_parameter_of_the_matched_score():
+    """lambda = 1: for "a red circle", a red circle plus a red square earns the match (1 + lambda) minus two costs."""
+    objects = evaluate(draw([PlacedObject("red", "circle", 4, 4, 10, 0),
+                             PlacedObject("red", "square", 18, 18, 10, 0)]), "a red circle").objects
+    assert matched_score(objects, "a red circle") == pytest.approx(1 - EXTRA_OBJECT_COST)
+    assert matched_score(objects, "a red circle", extra_object_cost=1.0) == pytest.approx(0.0)
+    assert matched_score(objects[:1], "a red circle", extra_object_cost=2.0) == pytest.approx(1.0)
+
+
+def test_accuracy_matched_reward_is_the_mean_of_accuracy_and_matched_score():
+    """1 exactly when correct; a partly right image earns half its matched score."""
+    rng = np.random.default_rng(4)
+    prompts = ["two red circles", "a blue square left of a green triangle", "a red circle"]
+    shown = [render(prompts[0], rng), render("a red circle", rng), render("a red square", rng)]
+    images = torch.from_numpy(np.stack(shown)).permute(0, 3, 1, 2) / 255.0
+    verdicts = evaluate_batch(np.stack(shown), prompts)
+    blend = get_reward("shapes-accuracy-matched")(images, prompts).tolist()
+    assert blend[0] == pytest.approx(1.0) and verdicts[0].correct
+    for value, verdict in zip(blend[1:], verdicts[1:]):
+        assert not verdict.correct and value == pytest.approx(0.5 * verdict.score) and value < 0.5
 
 
 def test_relation_counts_as_one_unit_of_the_matched_score():

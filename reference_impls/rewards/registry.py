@@ -14,6 +14,10 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
   relation). Kept as the documented example of a verifiable reward that can be gamed: colour and shape
   pass with "at least" counts, so drawing extra objects raises it while accuracy falls.
 * ``shapes-accuracy``: 1 if every criterion holds, else 0 (the metric we report as accuracy).
+* ``shapes-accuracy-matched``: (accuracy + matched score) / 2. Still 1 exactly when the image is correct
+  and dense like the matched score, but half of it is paid only for an exactly right image, so partial
+  credit cannot outbid accuracy at the margin (``python -m benchmarks.reward_margin``: its accuracy slope
+  is 0.97 of the binary reward's, the matched score's 0.74).
 * ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
   and hackable on purpose: painting the whole canvas that colour maximises it while the exact
   evaluator's score collapses.
@@ -139,6 +143,11 @@ def verdict_reward(world: str, value: Callable[[Any], float]) -> Callable[[torch
     return reward
 
 
+def accuracy_and_matched(verdict: Any) -> float:
+    """Half for being exactly right, half the matched score: aligned with accuracy at the margin too."""
+    return 0.5 * float(verdict.correct) + 0.5 * float(verdict.score)
+
+
 def motion_learned(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from reference_impls.rewards.learned_motion import learned_motion_reward
 
@@ -243,6 +252,9 @@ REWARDS: dict[str, RewardFunction] = {
                        world="shapes"),
         RewardFunction("shapes-accuracy", verdict_reward("shapes", lambda e: e.correct), False,
                        "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
+        RewardFunction("shapes-accuracy-matched", verdict_reward("shapes", accuracy_and_matched), False,
+                       "(accuracy + matched score) / 2: 1 exactly when correct, dense, and half of it paid only "
+                       "for an exactly right image", world="shapes"),
         RewardFunction("prompt-colour", prompt_colour, True,
                        "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
         RewardFunction("shapes-learned", shapes_learned, True,

@@ -246,7 +246,8 @@ def _attribute_credit(requested: tuple[str, str, str | None], detected: Detected
     return sum(checks) / len(checks)
 
 
-def matched_score(objects: Sequence[DetectedObject], spec: PromptSpec | str, size: int = REFERENCE_SIZE) -> float:
+def matched_score(objects: Sequence[DetectedObject], spec: PromptSpec | str, size: int = REFERENCE_SIZE,
+                  extra_object_cost: float | None = None) -> float:
     r"""Dense score aligned with accuracy: match requested instances to detections one-to-one.
 
     With requested instances $i = 1..N$, detections $d$, a maximum-credit one-to-one matching $M$ (pairs
@@ -259,12 +260,14 @@ def matched_score(objects: Sequence[DetectedObject], spec: PromptSpec | str, siz
     where the relation is checked between the two detections matched to the related objects, so one wrong
     attribute costs that attribute only. Drawing exactly what was asked is the only way to reach 1, and an
     unrequested object costs as much as a wrong attribute of a two-attribute object, never less.
+    ``extra_object_cost`` sets $\lambda$ (default: ``EXTRA_OBJECT_COST``, read at call time).
     """
     spec = as_spec(spec)
+    cost = EXTRA_OBJECT_COST if extra_object_cost is None else extra_object_cost
     requested = [(p.colour, p.shape, p.size) for p in spec.objects for _ in range(p.count)]
     credit = np.array([[_attribute_credit(r, d) for d in objects] for r in requested]).reshape(len(requested), -1)
     # A match also saves the extra-object cost of its detection; zero-credit pairs are no match.
-    gain = np.where(credit > 0, credit + EXTRA_OBJECT_COST, 0.0)
+    gain = np.where(credit > 0, credit + cost, 0.0)
     if spec.relation is None:
         rows, cols = linear_sum_assignment(gain, maximize=True)
         best = float(gain[rows, cols].sum())
@@ -285,7 +288,7 @@ def matched_score(objects: Sequence[DetectedObject], spec: PromptSpec | str, siz
                     total += 1.0
                 best = max(best, float(total))
         units = len(requested) + 1
-    total = best - EXTRA_OBJECT_COST * len(objects)
+    total = best - cost * len(objects)
     return max(0.0, total / units)
 
 
