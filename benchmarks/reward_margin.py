@@ -1,21 +1,23 @@
-"""Is a reward aligned with accuracy *at the margin*, where a policy gradient works?
+r"""Is a reward aligned with accuracy *at the margin*, where a policy gradient works?
 
 A reward can be aligned at its optimum (only the requested image scores 1) and still pay, around the images
 the model draws now, for something other than accuracy. This benchmark measures the slope a reward gives
 before any training. It draws groups of images per prompt from the base with a training sampler, turns each
 candidate reward into group-normalised advantages $A$ exactly as the GRPO presets do, and reports for each
-metric $m$ (accuracy, objects per image) the mean of $A\\,m$ over images:
+metric $m$ (accuracy, objects per image) the mean of $A\,m$ over images:
 
-$$ \\text{slope}_r(m) = \\frac{1}{N}\\sum_i A_r(x_i)\\, m(x_i)
-   = \\mathbb E_\\text{prompt}\\big[\\operatorname{Cov}_\\text{group}(A_r, m)\\big]. $$
+$$ \text{slope}_r(m) = \frac{1}{N}\sum_i A_r(x_i)\, m(x_i)
+   = \mathbb E_\text{prompt}\big[\operatorname{Cov}_\text{group}(A_r, m)\big]. $$
 
 Why that number: an update that tilts each prompt's distribution of images towards positive advantage,
-$p'(x) \\propto p(x)\\,e^{\\eta A_r(x)}$ (the step an exact natural-gradient method takes), changes the
-expected metric by $\\eta\\,\\operatorname{Cov}(A_r, m) + O(\\eta^2)$. So the slope is what one small step
+$p'(x) \propto p(x)\,e^{\eta A_r(x)}$ (the maximiser of $\mathbb E_{p'}[A_r] - \mathrm{KL}(p' \Vert p)/\eta$, which
+policy-gradient and reward-weighted methods approach in small steps), changes the
+expected metric by $\eta\,\operatorname{Cov}(A_r, m) + O(\eta^2)$. So the slope is what one small step
 on reward $r$ does to accuracy, or to the number of objects drawn, before the estimator's noise enters.
 A reward is aligned at the margin when its accuracy slope is close to that of the binary accuracy reward
 (the column *relative to accuracy reward*; the binary reward maximises it up to the advantage
-normalisation) and its object slope is not positive. The random reward is the control: both slopes 0.
+normalisation) and its object slope is no larger than the accuracy reward's own (an exactly right image
+may hold more objects than a wrong one that misses some). The random reward is the control: both slopes 0.
 
 Every reward is computed from the same images and the same detections, so differences between rows are
 paired. Intervals are 95% bootstrap intervals over prompts (a group of images is resampled whole).

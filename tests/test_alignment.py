@@ -8,6 +8,7 @@ import torch
 
 from reference_impls.comparison import ModelScores, bootstrap_interval, compare_scores, per_prompt
 from reference_impls.rewards import get_reward
+from reference_impls.rewards.registry import accuracy_and_matched
 from reference_impls.worlds import (
     EXTRA_OBJECT_COST,
     TASKS,
@@ -75,6 +76,9 @@ def test_an_extra_object_never_raises_the_score_and_costs_at_least_a_wrong_attri
             wrong = PlacedObject(first.colour, wrong_shape, first.y, first.x, first.extent, first.phrase)
             one_wrong = evaluate(draw([wrong, *objects[1:]]), prompt)
             assert sprayed.score <= one_wrong.score + 1e-9
+            # the same holds for half accuracy, half matched score (shapes-accuracy-matched)
+            assert accuracy_and_matched(sprayed) <= accuracy_and_matched(one_wrong) + 1e-9
+            assert accuracy_and_matched(sprayed) < accuracy_and_matched(exact) == 1.0
             checked += 1
     assert checked > 50
 
