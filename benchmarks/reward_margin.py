@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.group_size < 2 or args.prompts < 2:
+        parser.error(f"--group-size {args.group_size} and --prompts {args.prompts}: both must be at least 2 "
+                     "(a group of one image has no advantage; one prompt has no interval)")
     torch.set_num_threads(args.threads)
     policy = load_policy(args.model)
     if policy.kind != "flow":
