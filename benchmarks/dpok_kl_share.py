@@ -40,7 +40,7 @@ def _grad_norm(loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> floa
 
 def kl_share(beta: float, iterations: int, seed: int = 0) -> dict:
     config = build_config(DPOK.config_class, DPOK.presets, {"preset": "cpu", "kl_coef": beta, "seed": seed,
-                                                            "reward": "shapes-composition", "threads": 1})
+                                                            "reward": "shapes-matched", "threads": 1})  # what it was measured with
     method = DPOK(policy=load_policy(config.model), reward=get_reward(config.reward, config.reward_model or None), config=config)
     for step in range(iterations):
         method.train_step(step_context(seed, step))

@@ -9,9 +9,10 @@ image at evaluation, and accuracy fell. Two explanations can be ruled in or out 
   for the run. With X = 1 an extra object costs as much as a missing one, so a reward-shape explanation
   ("insurance objects are cheap") predicts the drift goes away.
 
-Each control trains ``flow-grpo --preset cpu --learning-rate 1e-3`` (the setting whose drift was clearest)
-and compares the result with the base on the held-out split, two draws per prompt, same noise and ODE
-sampler, as ``rlvg compare`` does::
+Each control trains ``flow-grpo --preset cpu --learning-rate 1e-3`` as the preset was when they were measured
+(60 iterations, KL weight 0.04, reward ``shapes-matched``; the setting whose drift was clearest) and compares
+the result with the base on the held-out split, two draws per prompt, same noise and ODE sampler, as
+``rlvg compare`` does::
 
     python -m benchmarks.flow_grpo_controls random lambda=1 [--model shapes-flow] [--seed 0]
 
@@ -37,6 +38,9 @@ from reference_impls.training import build_config, train
 
 LEARNING_RATE = 1e-3
 DRAWS = 2
+# The cpu preset these controls were measured with, before it went to 5x the images (2026-12-07), and the
+# reward it trained on then (the matched score, ``shapes-composition`` at the time).
+PRESET_WHEN_MEASURED = {"steps": 60, "kl_coef": 0.04, "eval_every": 20}
 
 
 def _evaluate_module():  # noqa: ANN202
@@ -53,14 +57,14 @@ def _reward(control: str, seed: int) -> RewardFunction:
                               False, "uniform noise (control)")
     if control.startswith("lambda="):
         _evaluate_module().EXTRA_OBJECT_COST = float(control.split("=", 1)[1])  # read at every call of matched_score
-        return get_reward("shapes-composition")
+        return get_reward("shapes-matched")
     raise ValueError(f"unknown control {control!r}; valid: random, lambda=X")
 
 
 def run_control(control: str, model: str, seed: int, out: Path) -> dict:
     cls = get_method("flow-grpo")
     config = build_config(cls.config_class, cls.presets, {"preset": "cpu", "model": model, "seed": seed,
-                                                           "reward": "shapes-composition",
+                                                           "reward": "shapes-matched", **PRESET_WHEN_MEASURED,
                                                            "learning_rate": LEARNING_RATE, "threads": 1})
     evaluate = _evaluate_module()
     default_cost = evaluate.EXTRA_OBJECT_COST

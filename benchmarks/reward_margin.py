@@ -52,10 +52,10 @@ PROMPTS_PER_BATCH = 4
 RewardOfImage = Callable[[Evaluation, np.random.Generator], float]
 CANDIDATES: dict[str, RewardOfImage] = {
     "shapes-accuracy (binary)": lambda e, rng: float(e.correct),
-    "shapes-composition (matched score, lambda = 1/2)": lambda e, rng: e.score,
+    "shapes-matched (matched score, lambda = 1/2)": lambda e, rng: e.score,
     "matched score, lambda = 1": lambda e, rng: matched_score(e.objects, e.prompt, extra_object_cost=1.0),
     "matched score, lambda = 2": lambda e, rng: matched_score(e.objects, e.prompt, extra_object_cost=2.0),
-    "shapes-accuracy-matched: (accuracy + matched score) / 2": lambda e, rng: accuracy_and_matched(e),
+    "shapes-composition: (accuracy + matched score) / 2": lambda e, rng: accuracy_and_matched(e),
     "matched score squared": lambda e, rng: e.score ** 2,
     "shapes-criteria (gameable)": lambda e, rng: e.criteria_score,
     "random (control)": lambda e, rng: float(rng.uniform()),

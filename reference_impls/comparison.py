@@ -38,7 +38,8 @@ class ModelScores:
     correct: np.ndarray
     """(N,) 1.0 where every criterion of the prompt holds."""
     score: np.ndarray
-    """(N,) the evaluator's matched score (the ``shapes-composition`` reward) in [0, 1]."""
+    """(N,) the evaluator's matched score in [0, 1] (the ``shapes-matched`` reward; ``shapes-composition`` is
+    its mean with accuracy)."""
     reward: np.ndarray | None = None
     """(N,) the named reward, when the comparison was asked for one."""
     objects: np.ndarray | None = None

@@ -76,7 +76,7 @@ def test_an_extra_object_never_raises_the_score_and_costs_at_least_a_wrong_attri
             wrong = PlacedObject(first.colour, wrong_shape, first.y, first.x, first.extent, first.phrase)
             one_wrong = evaluate(draw([wrong, *objects[1:]]), prompt)
             assert sprayed.score <= one_wrong.score + 1e-9
-            # the same holds for half accuracy, half matched score (shapes-accuracy-matched)
+            # the same holds for the reward, half accuracy and half matched score (shapes-composition)
             assert accuracy_and_matched(sprayed) <= accuracy_and_matched(one_wrong) + 1e-9
             assert accuracy_and_matched(sprayed) < accuracy_and_matched(exact) == 1.0
             checked += 1
@@ -93,9 +93,12 @@ def test_the_gameable_criteria_score_pays_for_extra_objects_and_the_matched_scor
     assert sprayed.score == pytest.approx(1 - EXTRA_OBJECT_COST) and wrong.score == pytest.approx(0.5)
     assert sprayed.score <= wrong.score
     images = torch.from_numpy(np.stack([draw([circle, square]), draw([circle])])).permute(0, 3, 1, 2) / 255.0
+    matched = get_reward("shapes-matched")(images, ["a red circle"] * 2)
     composition = get_reward("shapes-composition")(images, ["a red circle"] * 2)
     criteria = get_reward("shapes-criteria")(images, ["a red circle"] * 2)
-    assert composition.tolist() == pytest.approx([0.5, 1.0]) and criteria.tolist() == pytest.approx([2 / 3, 1.0])
+    assert matched.tolist() == pytest.approx([0.5, 1.0]) and criteria.tolist() == pytest.approx([2 / 3, 1.0])
+    # half of the reward is paid only for an exactly right image: the extra square leaves a quarter
+    assert composition.tolist() == pytest.approx([0.25, 1.0])
 
 
 def test_the_extra_object_cost_is_a_parameter_of_the_matched_score():
@@ -107,14 +110,14 @@ def test_the_extra_object_cost_is_a_parameter_of_the_matched_score():
     assert matched_score(objects[:1], "a red circle", extra_object_cost=2.0) == pytest.approx(1.0)
 
 
-def test_accuracy_matched_reward_is_the_mean_of_accuracy_and_matched_score():
+def test_the_composition_reward_is_the_mean_of_accuracy_and_matched_score():
     """1 exactly when correct; a partly right image earns half its matched score."""
     rng = np.random.default_rng(4)
     prompts = ["two red circles", "a blue square left of a green triangle", "a red circle"]
     shown = [render(prompts[0], rng), render("a red circle", rng), render("a red square", rng)]
     images = torch.from_numpy(np.stack(shown)).permute(0, 3, 1, 2) / 255.0
     verdicts = evaluate_batch(np.stack(shown), prompts)
-    blend = get_reward("shapes-accuracy-matched")(images, prompts).tolist()
+    blend = get_reward("shapes-composition")(images, prompts).tolist()
     assert blend[0] == pytest.approx(1.0) and verdicts[0].correct
     for value, verdict in zip(blend[1:], verdicts[1:]):
         assert not verdict.correct and value == pytest.approx(0.5 * verdict.score) and value < 0.5

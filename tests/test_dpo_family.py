@@ -206,6 +206,21 @@ def test_preference_bank_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert len(likes) == 8 and bool(likes.desirable.all())
 
 
+def test_a_reward_redefined_under_its_name_does_not_reuse_banks_scored_before(monkeypatch):
+    """shapes-composition changed meaning; a bank scored with the old definition must not be loaded."""
+    import dataclasses
+
+    from reference_impls.rewards import REWARDS
+    from reference_impls.rewards.preferences import bank_key
+
+    sampler = SamplerConfig("ddim", num_steps=2, eta=0.0)
+    key = bank_key("weights", ["a red circle"], sampler, 0, "shapes-composition")
+    assert key == bank_key("weights", ["a red circle"], sampler, 0, "shapes-composition")
+    redefined = dataclasses.replace(REWARDS["shapes-composition"], description="the matched score alone")
+    monkeypatch.setitem(REWARDS, "shapes-composition", redefined)
+    assert bank_key("weights", ["a red circle"], sampler, 0, "shapes-composition") != key
+
+
 # -- smoke runs on the shipped model -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bank_cache(tmp_path_factory):

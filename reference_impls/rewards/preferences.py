@@ -6,8 +6,8 @@ Real choices come from people (Pick-a-Pic) or from a reward model standing in fo
 effect of label noise can be measured.
 
 Noise model (one family for every kind of judgement). The labeller perceives the utility of an image as
-its exact score $s$ (by default the ShapeWorld evaluator's fraction of satisfied criteria, reward
-``shapes-composition``) plus independent noise at temperature $T$:
+its exact score $s$ (by default the reward ``shapes-composition``: half the ShapeWorld evaluator's accuracy,
+half its matched score) plus independent noise at temperature $T$:
 
 * **pairs** (Bradley-Terry): $P(a \succ b) = \sigma\big((s_a - s_b)/T\big)$. A *tie* is reported when
   $|s_a - s_b| \le$ ``tie_margin`` (the evaluator's scores are discrete, so exactly equal scores are
@@ -283,9 +283,16 @@ def model_fingerprint(policy) -> str:  # noqa: ANN001 - a GenerativePolicy
 
 
 def bank_key(fingerprint: str, prompts: list[str], sampler, seed: int, reward: str) -> str:  # noqa: ANN001
-    """The cache key of a bank: the model's weights, the prompts, the sampler, the seed and the score."""
+    """The cache key of a bank: the model's weights, the prompts, the sampler, the seed and the score.
+
+    The score enters by name and by its registered description, so a reward redefined under the same name
+    (``shapes-composition`` became half accuracy, half matched score) does not load banks scored before.
+    """
+    from reference_impls.rewards import REWARDS
+
+    definition = REWARDS[reward].description if reward in REWARDS else None
     spec = {"format": BANK_FORMAT, "model": fingerprint, "prompts": list(prompts),
-            "sampler": asdict(sampler), "seed": seed, "reward": reward}
+            "sampler": asdict(sampler), "seed": seed, "reward": reward, "reward_definition": definition}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

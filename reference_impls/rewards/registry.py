@@ -6,18 +6,20 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
 
 * ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the JPEG file size in kB, as in
   DDPO (Black et al., 2023); of a clip, the mean over its frames. Not differentiable.
-* ``shapes-composition``: the exact ShapeWorld evaluator's matched score: requested objects matched one
-  to one to detected ones, partial credit per attribute, a cost for every unrequested object, the
-  relation as one more unit. 1 exactly when the image is correct, so maximising it means drawing what
-  was asked: our GenEval-style verifiable reward. Not differentiable.
+* ``shapes-composition``: half for an exactly right image, half the exact ShapeWorld evaluator's matched
+  score: (accuracy + matched score) / 2. 1 exactly when the image is correct, dense like the matched score,
+  and aligned with accuracy at the margin too, not only at its optimum: half of it is paid only for an
+  exactly right image, so partial credit cannot outbid accuracy (``python -m benchmarks.reward_margin``:
+  its accuracy slope is 0.97 of the binary reward's, the matched score's alone 0.74). Our GenEval-style
+  verifiable reward. Not differentiable.
+* ``shapes-matched``: the matched score alone (``shapes-composition`` before 2026-12-07): requested objects
+  matched one to one to detected ones, partial credit per attribute, a cost for every unrequested object,
+  the relation as one more unit. 1 exactly when correct, but its partial credit pays for extra objects at
+  the margin (objects-per-image slope five times the binary reward's).
 * ``shapes-criteria``: the fraction of the evaluator's criteria that hold (count, colour, shape, size,
   relation). Kept as the documented example of a verifiable reward that can be gamed: colour and shape
   pass with "at least" counts, so drawing extra objects raises it while accuracy falls.
 * ``shapes-accuracy``: 1 if every criterion holds, else 0 (the metric we report as accuracy).
-* ``shapes-accuracy-matched``: (accuracy + matched score) / 2. Still 1 exactly when the image is correct
-  and dense like the matched score, but half of it is paid only for an exactly right image, so partial
-  credit cannot outbid accuracy at the margin (``python -m benchmarks.reward_margin``: its accuracy slope
-  is 0.97 of the binary reward's, the matched score's 0.74).
 * ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
   and hackable on purpose: painting the whole canvas that colour maximises it while the exact
   evaluator's score collapses.
@@ -28,7 +30,7 @@ Video rewards take clips (B, 3, F, H, W):
 
 * ``motion-composition``: MotionWorld's exact matched score: requested moving objects matched one to one
   to tracks, credit for colour, shape, direction and speed, a cost for every extra or broken track; 1
-  exactly when the clip is correct (aligned with the accuracy reported, like ``shapes-composition``).
+  exactly when the clip is correct (aligned with the accuracy reported, like ``shapes-matched``).
 * ``motion-accuracy``: 1 if every criterion of the clip holds, else 0.
 * ``motion-learned``: a small 3D CNN trained to predict the exact evaluator's criteria from (clip, prompt)
   (``reference_impls/rewards/learned_motion.py``): the learned video reward VADER backpropagates through.
@@ -244,17 +246,17 @@ REWARDS: dict[str, RewardFunction] = {
                        modality="any"),
         RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
                        "the JPEG size in kB (quality 95), as in DDPO; clips: mean over frames", modality="any"),
-        RewardFunction("shapes-composition", verdict_reward("shapes", lambda e: e.score), False,
-                       "exact ShapeWorld evaluator: matched objects with partial credit, extra objects cost; "
-                       "1 exactly when correct", world="shapes"),
+        RewardFunction("shapes-composition", verdict_reward("shapes", accuracy_and_matched), False,
+                       "exact ShapeWorld evaluator: (accuracy + matched score) / 2; 1 exactly when correct, dense, "
+                       "and half of it paid only for an exactly right image", world="shapes"),
+        RewardFunction("shapes-matched", verdict_reward("shapes", lambda e: e.score), False,
+                       "exact ShapeWorld evaluator's matched score: matched objects with partial credit, extra "
+                       "objects cost; 1 exactly when correct (shapes-composition before 2026-12-07)", world="shapes"),
         RewardFunction("shapes-criteria", verdict_reward("shapes", lambda e: e.criteria_score), False,
                        "gameable on purpose: fraction of prompt criteria satisfied (extra objects pay)",
                        world="shapes"),
         RewardFunction("shapes-accuracy", verdict_reward("shapes", lambda e: e.correct), False,
                        "exact ShapeWorld evaluator: 1 if all criteria hold, else 0", world="shapes"),
-        RewardFunction("shapes-accuracy-matched", verdict_reward("shapes", accuracy_and_matched), False,
-                       "(accuracy + matched score) / 2: 1 exactly when correct, dense, and half of it paid only "
-                       "for an exactly right image", world="shapes"),
         RewardFunction("prompt-colour", prompt_colour, True,
                        "differentiable: mean soft membership of pixels in the prompt's colours", world="shapes"),
         RewardFunction("shapes-learned", shapes_learned, True,
