@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import paired_reward_gain, run_smoke, tiny_policy, training_rewards
 
 from reference_impls.algorithms.d3po import step_dpo_loss
 from reference_impls.algorithms.diffusion_dpo import diffusion_dpo_loss, noised
-from reference_impls.algorithms.diffusion_kto import diffusion_kto_loss, kto_reference_point
+from reference_impls.algorithms.diffusion_kto import (
+    class_draw_weights,
+    diffusion_kto_loss,
+    kto_reference_point,
+)
 from reference_impls.algorithms.spo import select_pair
 from reference_impls.rewards.preferences import SyntheticLabeller, build_preference_bank, load_bank
 from reference_impls.sampling import SamplerConfig
@@ -131,6 +136,17 @@ def test_kto_utility_values_and_reference_point():
     loss, _ = diffusion_kto_loss(err, torch.tensor([0.2, 0.2]), desirable, 10.0, 0.0)
     loss.backward()
     assert err.grad[0].item() > 0 and err.grad[1].item() < 0
+
+
+def test_kto_draws_desirable_images_with_the_asked_probability():
+    desirable = np.array([True, False, False, False, True, False])  # 2 liked, 4 disliked
+    weights = class_draw_weights(desirable, 0.8)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[desirable].sum() == pytest.approx(0.8) and weights[0] == pytest.approx(0.4)
+    assert weights[~desirable] == pytest.approx(np.full(4, 0.05))
+    # 0.5 balances the classes whatever the bank's like rate; one class alone is drawn uniformly.
+    assert class_draw_weights(desirable, 0.5)[desirable].sum() == pytest.approx(0.5)
+    assert class_draw_weights(np.array([True, True]), 0.8) == pytest.approx(np.array([0.5, 0.5]))
 
 
 # -- the synthetic labeller --------------------------------------------------------------------------
