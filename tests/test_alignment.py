@@ -207,3 +207,20 @@ def test_paired_comparison_of_a_model_with_itself_shows_no_difference():
                             n_boot=100)
     assert all(row.diff == 0.0 for row in report.rows.values())
     assert report.rows["reward"].base < 0  # minus kB: the reward was computed
+
+
+def test_random_control_reward_is_deterministic_noise_unrelated_to_the_image():
+    reward = get_reward("random-control")
+    images = torch.rand(400, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    values = reward(images, ["a red circle"] * 400)
+    assert torch.equal(values, reward(images.clone(), ["a blue square"] * 400))  # a function of the pixels only
+    assert bool(((values >= 0) & (values < 1)).all())
+    assert abs(float(values.mean()) - 0.5) < 0.05 and abs(float(values.std()) - (1 / 12) ** 0.5) < 0.03
+    # Not a smooth function of the image a model could climb: uncorrelated with brightness, and one grey level
+    # on one pixel gives a new draw.
+    brightness = images.flatten(1).mean(dim=1)
+    assert abs(float(torch.corrcoef(torch.stack([values, brightness]))[0, 1])) < 0.15
+    nudged = images[:1].clone()
+    nudged[0, 0, 0, 0] = (nudged[0, 0, 0, 0] * 255).round().add(1 if nudged[0, 0, 0, 0] < 0.5 else -1) / 255
+    assert float(reward(nudged, ["x"])) != float(values[0])
+    assert reward(torch.rand(2, 3, 4, 8, 8), ["x", "y"]).shape == (2,)  # clips and views too

@@ -194,3 +194,21 @@ def test_near_deterministic_last_ddim_step_is_left_out_of_training():
     assert sorted(kept[0].tolist()) == list(range(5))
     with pytest.raises(ValueError, match="no sampler step"):
         training_steps(trajectory, 1.0, np.random.default_rng(0), min_std=5.0)
+
+
+def test_stochastic_steps_sample_and_train_only_the_first_steps():
+    from reference_impls.training.online import sampler_from_config
+
+    config = DDPOConfig(num_steps=6, stochastic_steps=2)
+    method = DDPO(policy=tiny_policy(), reward=get_reward("jpeg-compressibility"), config=config)
+    sampler = sampler_from_config(method)
+    assert sampler.stochastic_window == (0, 2)
+    trajectory = rollout(method.policy, ["a red circle"] * 2, sampler, torch.Generator().manual_seed(0))
+    assert trajectory.schedule.stochastic.tolist() == [True, True, False, False, False, False]
+    # Only the first two steps drew noise and have a log-probability; the rest are eta = 0 DDIM steps.
+    assert bool((trajectory.step_stds[:2] > 0.1).all()) and trajectory.step_stds[2:].tolist() == [0.0] * 4
+    assert bool((trajectory.log_probs[:, 2:] == 0).all()) and bool((trajectory.log_probs[:, :2] != 0).all())
+    steps = training_steps(trajectory, 1.0, np.random.default_rng(0), min_std=config.min_step_std)
+    assert sorted(steps[0].tolist()) == [0, 1]
+    with pytest.raises(ValueError, match="--stochastic-steps"):
+        DDPOConfig(num_steps=6, stochastic_steps=7).validate()

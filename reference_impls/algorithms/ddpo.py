@@ -69,6 +69,10 @@ class DDPOConfig(TrainConfig):
     samples_per_prompt: int = 1
     """Images drawn per prompt in a batch (1 = the paper's sampling). DDPO's prompts are single animal names,
     so per-prompt buffers fill; on our 834-prompt grammar they stay nearly empty unless prompts repeat."""
+    stochastic_steps: int = 0
+    """Sample with eta only in the first N denoising steps and deterministically (eta = 0) after them, and train
+    those N (0 = every step stochastic, the paper). Every reward difference between images of one prompt then
+    comes from trained steps, as with Flow-GRPO's ``--sde-steps``."""
     min_step_std: float = 0.05
     """Train only on steps whose noise std is at least this. Our cosine schedule's last DDIM step targets
     alpha_bar_0 = 0.99996 and has std 0.006 (Stable Diffusion's: about 0.03); 0 trains every step as DDPO does."""
@@ -76,6 +80,9 @@ class DDPOConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check_samples_per_prompt(self)
+        if not 0 <= self.stochastic_steps <= self.num_steps:
+            raise ValueError(f"--stochastic-steps must be between 0 and --num-steps {self.num_steps}, "
+                             f"got {self.stochastic_steps}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -23,6 +23,10 @@ computed on detached copies and return plain tensors (policy-gradient methods ne
 * ``prompt-colour``: mean soft membership of pixels in the colour(s) the prompt names. Differentiable,
   and hackable on purpose: painting the whole canvas that colour maximises it while the exact
   evaluator's score collapses.
+* ``random-control``: not a goal but a control: uniform noise keyed by a hash of each sample's 8-bit pixels
+  (images, clips or views). Deterministic, and unpredictable from the image, so the advantages it gives are
+  pure noise; a method trained on it shows what its procedure alone does to the model (drift), which the
+  real reward's effect has to be judged against.
 * ``shapes-learned``: a small CNN trained to predict the exact evaluator's score from (image, prompt)
   (``reference_impls/rewards/learned.py``): the ImageReward/PickScore analogue. Differentiable.
 
@@ -65,6 +69,7 @@ Multi-view rewards take SolidWorld's views (B, 3, V, H, W):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +148,15 @@ def verdict_reward(world: str, value: Callable[[Any], float]) -> Callable[[torch
         return torch.tensor(values, dtype=torch.float32, device=media.device)
 
     return reward
+
+
+def pixel_hash_noise(media: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Uniform noise in [0, 1) keyed by each sample's 8-bit pixels: the same image always gets the same value, and
+    no function of the image the model could learn predicts it (a hash, not a projection)."""
+    quantised = (media.clamp(0, 1) * 255).round().to(torch.uint8).flatten(1).cpu().numpy()
+    values = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") / 2.0**64
+              for row in quantised]
+    return torch.tensor(values, dtype=torch.float32, device=media.device)
 
 
 def accuracy_and_matched(verdict: Any) -> float:
@@ -246,6 +260,9 @@ REWARDS: dict[str, RewardFunction] = {
                        modality="any"),
         RewardFunction("jpeg-incompressibility", lambda im, p: jpeg_size_kb(im), False,
                        "the JPEG size in kB (quality 95), as in DDPO; clips: mean over frames", modality="any"),
+        RewardFunction("random-control", pixel_hash_noise, False,
+                       "control, not a goal: uniform noise keyed by a hash of each sample's pixels; shows what a "
+                       "method's procedure does to a model with no signal to follow", modality="any"),
         RewardFunction("shapes-composition", verdict_reward("shapes", accuracy_and_matched), False,
                        "exact ShapeWorld evaluator: (accuracy + matched score) / 2; 1 exactly when correct, dense, "
                        "and half of it paid only for an exactly right image", world="shapes"),

@@ -37,6 +37,8 @@ def sampler_from_config(method: Method) -> SamplerConfig:
         noise_level=getattr(config, "noise_level", 0.7),
         guidance_scale=config.guidance_scale,
         reduction=getattr(config, "reduction", "mean"),
+        # DDPO-style configs may sample stochastically in the first N steps only (0 = every step).
+        stochastic_window=(0, config.stochastic_steps) if getattr(config, "stochastic_steps", 0) else None,
     )
 
 
