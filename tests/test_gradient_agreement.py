@@ -62,3 +62,19 @@ def test_batch_gradient_is_the_train_steps_gradient_and_moves_no_weight():
     assert first.norm() > 0 and torch.equal(first, again)  # same batch at the same weights: the same gradient
     assert not torch.allclose(first, other)
 
+
+
+def test_weight_displacement_measures_distance_and_shared_direction():
+    from benchmarks.weight_displacement import displacement_summary
+
+    base = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # |theta_0| = 5
+    # Run 1 moves a by (1, 0); run 2 moves a by (1, 1): cosine 1 / sqrt(2). Run 3 moves only b, orthogonally.
+    runs = [{"a": torch.tensor([4.0, 0.0]), "b": torch.tensor([4.0])},
+            {"a": torch.tensor([4.0, 1.0]), "b": torch.tensor([4.0])},
+            {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([6.0])}]
+    summary = displacement_summary(base, runs)
+    assert summary["norms"] == pytest.approx([1.0, 2 ** 0.5, 2.0])
+    assert summary["relative_norms"] == pytest.approx([0.2, 2 ** 0.5 / 5, 0.4])
+    assert summary["pairwise_cosines"] == pytest.approx([2 ** -0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="lacks 1 of the base's weights"):
+        displacement_summary(base, [{"a": torch.zeros(2)}])
