@@ -166,3 +166,41 @@ def test_results_are_merged_entry_by_entry_and_replaced_atomically(tmp_path):
     merged = merge_results(path, "rows", {"a": {"x": 3}})
     assert merged == {"rows": {"a": {"x": 3}, "b": {"x": 2}}, "machine": "m2"}
     assert not path.with_suffix(".partial").exists()
+
+
+def _command_settings(command: str) -> tuple[str, dict]:
+    """(method, settings) of a row's ``rlvg train METHOD --flag value ... --seed S`` command."""
+    import json
+    import shlex
+
+    words = shlex.split(command)
+    assert words[:2] == ["rlvg", "train"], command
+    flags = dict(zip(words[3::2], words[4::2]))
+    settings = {}
+    for flag, value in flags.items():
+        if flag == "--seed":
+            continue
+        try:
+            settings[flag[2:].replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[flag[2:].replace("-", "_")] = value
+    return words[2], settings
+
+
+@pytest.mark.parametrize("table", ["methods", "method_variants"])
+def test_every_committed_row_command_gives_the_budget_it_was_measured_with(table: str) -> None:
+    """A preset whose budget changes without its rows being relabelled would leave stale rows behind."""
+    import json
+
+    from benchmarks.common import RESULTS_DIR
+    from reference_impls.algorithms import METHODS
+    from reference_impls.training import build_config
+
+    rows = json.loads((RESULTS_DIR / f"{table}.json").read_text(encoding="utf-8"))["rows"]
+    assert rows
+    for key, row in rows.items():
+        name, settings = _command_settings(row["command"])
+        cls = METHODS[name]
+        config = build_config(cls.config_class, cls.presets, settings, cls.video_presets)
+        assert config.steps == row["steps"], f"{table}.json row {key!r}: its command now trains {config.steps} steps"
+        assert row["samples_seen"] in (config.steps * config.batch_size, 2 * config.steps * config.batch_size), key

@@ -88,8 +88,11 @@ class DDPOConfig(TrainConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, inner_epochs=3, learning_rate=3e-5, eval_every=0,
                   eval_prompts=16, checkpoint_every=4, prompts="a red circle"),
-    "cpu": dict(steps=20, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
-                learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    # LoRA at lr 1e-3 with noise in the first three steps only, for 300 iterations (9,600 images, Flow-GRPO's
+    # budget): the first DDPO setting whose held-out gain excludes 0 over three seeds (method page, Results).
+    "cpu": dict(steps=300, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
+                learning_rate=1e-3, lora_rank=8, stochastic_steps=3, eval_every=100, eval_prompts=128,
+                checkpoint_every=10),
     "gpu": dict(steps=100, batch_size=64, num_steps=20, minibatch_size=8, learning_rate=3e-5, eval_every=10,
                 eval_prompts=256, checkpoint_every=10, guidance_scale=5.0, inner_epochs=1),
 }

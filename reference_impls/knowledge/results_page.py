@@ -215,6 +215,11 @@ def _methods_section() -> str:
         return "\n".join(text) + _missing("method_table")
     text.append(f"Machine: {_machine(data)}.\n")
     text.append(f"![Held-out accuracy against samples seen, mean and range over seeds]({CURVES})\n")
+    text.append("The curves are each run's own evaluation during training: 128 held-out prompts, one draw each, "
+                "noise fixed across the run. The table is the paired comparison of the final model on the whole "
+                "split with two draws per prompt. Both estimate the same gain from different draws, so where the "
+                "gain is a few points (an accuracy from one draw of 128 prompts has a standard error near 0.04) a "
+                "curve can end below its start while the table says up; the table is the measurement.\n")
     text.extend(_gain_table(rows))
     gridded = [row for row in rows if row.get("grid")]
     if gridded:
