@@ -50,6 +50,18 @@ def test_method_page_shows_its_measured_row(fake_results: dict[str, dict]) -> No
     assert ROW["command"] in page and "test cpu" in page and "seed 2:" in page
 
 
+def test_rows_sharing_a_page_stay_in_one_table(fake_results: dict[str, dict]) -> None:
+    """DDPO and DDPO-SF share a page: the per-seed lines and the grid go below the table, not between its rows."""
+    second = {**ROW, "method": "ddpo-sf", "command": "rlvg train ddpo-sf --preset cpu --seed S"}
+    fake_results["methods"] = {"rows": {"ddpo": {**ROW, "grid": "grids/ddpo.png"}, "ddpo-sf": second}}
+    lines = _page("black2023ddpo").splitlines()
+    first_row = next(i for i, line in enumerate(lines) if line.startswith(f"| `{ROW['command']}`"))
+    assert lines[first_row + 1].startswith(f"| `{second['command']}`")
+    assert lines[first_row - 1].startswith("|---")
+    below = "\n".join(lines[first_row + 2:])
+    assert "`ddpo-sf` on `shapes-diffusion`" in below and "seed 2:" in below and "grids/ddpo.png" in below
+
+
 def test_unmeasured_implemented_method_says_so(fake_results: dict[str, dict]) -> None:
     page = _page("black2023ddpo")
     assert "Not measured yet" in page and "Measured in the atlas" not in page

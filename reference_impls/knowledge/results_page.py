@@ -274,9 +274,12 @@ def method_measurements(bib_key: str) -> str | None:
                     f"{_fmt(accuracy['model'])} | {_gain(accuracy)} | {_verdict(accuracy)} "
                     f"| {_gain(row['heldout'].get('mean_score'))} | {_gain(row.get('train_reward'))} "
                     f"| {_fmt(row['minutes_per_run'], 1)} |")
+    text.append("")  # the table ends here: seeds and grids below it, one paragraph per row
+    for row in rows:
         seeds = "; ".join(f"seed {s['seed']}: {_gain(s['accuracy'])}" for s in row.get("per_seed", []))
+        label = f"`{row['method']}` on `{row['model']}`" if len(rows) > 1 else "Each seed on its own"
         if seeds:
-            text.append(f"\nEach seed on its own (held-out accuracy gain, 95% CI over prompts): {seeds}.\n")
+            text.append(f"{label} (held-out accuracy gain per seed, 95% CI over prompts): {seeds}.\n")
         if row.get("grid"):
             text.append(f"![Base (top) and trained with seed 0 (bottom), same held-out prompts and noise]"
                         f"(../assets/results/{row['grid']})\n")

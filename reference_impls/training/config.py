@@ -34,7 +34,8 @@ class TrainConfig:
     steps: int = 8
     """Outer iterations: each collects fresh samples (or pairs) and updates the policy."""
     seed: int = 0
-    """Seeds prompts, noise and minibatch order; the same seed gives the same metrics on CPU."""
+    """Seeds prompts, noise and minibatch order; the same seed and thread count give the same metrics on CPU
+    (another thread count rounds sums differently, which over hundreds of updates makes a different run)."""
     device: str = "cpu"
     """Torch device (cpu, cuda, cuda:1, mps)."""
     prompts: str = "train"
@@ -57,7 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 4
     """Write an atomic checkpoint every this many steps (and at the end)."""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """CPU threads for torch (0 = torch's default); part of what makes a run reproducible (see seed)."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank on the denoiser's attention projections instead of every weight
     (0 = full fine-tuning). The final model folder holds the merged weights."""
