@@ -63,7 +63,6 @@ def test_batch_gradient_is_the_train_steps_gradient_and_moves_no_weight():
     assert not torch.allclose(first, other)
 
 
-
 def test_weight_displacement_measures_distance_and_shared_direction():
     from benchmarks.weight_displacement import displacement_summary
 

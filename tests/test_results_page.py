@@ -182,21 +182,14 @@ def test_results_are_merged_entry_by_entry_and_replaced_atomically(tmp_path):
 
 def _command_settings(command: str) -> tuple[str, dict]:
     """(method, settings) of a row's ``rlvg train METHOD --flag value ... --seed S`` command."""
-    import json
     import shlex
+
+    from benchmarks.method_table import parse_overrides
 
     words = shlex.split(command)
     assert words[:2] == ["rlvg", "train"], command
-    flags = dict(zip(words[3::2], words[4::2]))
-    settings = {}
-    for flag, value in flags.items():
-        if flag == "--seed":
-            continue
-        try:
-            settings[flag[2:].replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[flag[2:].replace("-", "_")] = value
-    return words[2], settings
+    pairs = [f"{flag[2:]}={value}" for flag, value in zip(words[3::2], words[4::2]) if flag != "--seed"]
+    return words[2], parse_overrides(pairs)
 
 
 @pytest.mark.parametrize("table", ["methods", "method_variants"])
