@@ -95,4 +95,17 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep each test module on one worker, except tests marked ``spread``, which go one by one.
+
+    ``make test`` runs ``--dist loadgroup``: a module's tests share module fixtures (a trained policy, a built
+    site), so they stay together, but the notebook executions all live in one module and, kept together, made
+    that module alone the length of the suite. Runs before xdist's own hook, which reads the groups.
+    """
+    for item in items:
+        if item.get_closest_marker("spread") is None:
+            item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
+
+
 pytest_plugins = ["site_fixtures"]

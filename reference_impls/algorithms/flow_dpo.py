@@ -68,7 +68,7 @@ class FlowDPOConfig(DiffusionDPOConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(steps=4, batch_size=8, num_pairs=16, bank_steps=8, num_steps=8, learning_rate=1e-4,
+    "smoke": dict(steps=4, batch_size=4, num_pairs=16, bank_steps=8, num_steps=8, learning_rate=1e-4,
                   eval_every=0, eval_prompts=4, checkpoint_every=2, monitor_samples=4, prompts="easy"),
     "cpu": dict(steps=40, batch_size=16, num_pairs=192, bank_steps=10, num_steps=10, learning_rate=3e-5,
                 eval_every=20, eval_prompts=48, checkpoint_every=20, monitor_samples=8),
