@@ -22,12 +22,14 @@ Seeds of one method can run in parallel processes (one thread each) and be gathe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,6 +168,29 @@ def world_setup(name: str, world: str) -> tuple[dict, str]:
     return {"model": video_model}, f"{name}@{world}"
 
 
+# Settings that may differ between a reused run and today's config without changing what was trained.
+NOT_TRAINING_SETTINGS = ("threads", "device", "preset")
+
+
+def check_reused_settings(run_dir: Path, config: Any) -> None:
+    """Refuse to reuse a run trained with other settings than the config asked for now.
+
+    A run folder is named by the ``--set`` changes from the preset, so after a preset changes, an old folder can
+    sit under the name of today's settings; merging it would publish numbers for training that did not happen.
+    """
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return  # runs written before config.json existed: nothing to compare
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    wanted = dataclasses.asdict(config)
+    changed = sorted(k for k in saved.keys() & wanted.keys()
+                     if k not in NOT_TRAINING_SETTINGS and saved[k] != wanted[k])
+    if changed:
+        details = ", ".join(f"{k}: run {saved[k]!r}, asked {wanted[k]!r}" for k in changed)
+        raise ValueError(f"--reuse: {run_dir} was trained with other settings than asked ({details}); "
+                         "rename or delete the folder, or pass the matching --set")
+
+
 def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, overrides: dict | None = None) -> dict:
     """Train one seed (unless reused) and score its final model; returns the seed's record."""
     cls = METHODS[name]
@@ -175,6 +200,7 @@ def run_seed(name: str, seed: int, out_root: Path, quick: bool, reuse: bool, ove
     out = out_root / variant_label(name, overrides).replace(" ", "_") / f"seed{seed}"
     record_path = out / "scores.json"
     if reuse and record_path.exists() and (out / "final").exists():
+        check_reused_settings(out, config)
         return json.loads(record_path.read_text(encoding="utf-8"))
     if out.exists():
         shutil.rmtree(out)
@@ -280,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.methods or list(METHODS):
         world_settings, key = world_setup(name, args.world)
         settings = {**world_settings, **overrides}
-        seeds = [run_seed(name, seed, out_root, args.quick, args.reuse, settings) for seed in args.seeds]
+        try:
+            seeds = [run_seed(name, seed, out_root, args.quick, args.reuse, settings) for seed in args.seeds]
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
         if args.no_merge:
             continue
         row = method_row(name, seeds, args.quick, out_root / "_base", settings)

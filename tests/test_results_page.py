@@ -169,6 +169,27 @@ def test_method_table_overrides_parse_to_typed_settings_and_label_the_variant() 
         parse_overrides(["min_step_std"])
 
 
+def test_reuse_refuses_a_run_trained_with_other_settings(tmp_path) -> None:
+    """After a preset changes, a run folder kept from the old preset must not be merged as today's setting."""
+    import dataclasses
+    import json
+
+    from benchmarks.method_table import METHODS, _settings, build_config, run_seed
+
+    cls = METHODS["ddpo-sf"]
+    config = build_config(cls.config_class, cls.presets, {**_settings("ddpo-sf", False), "seed": 0})
+    run_dir = tmp_path / "ddpo-sf" / "seed0"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "scores.json").write_text(json.dumps({"seed": 0, "marker": "reused"}), encoding="utf-8")
+    saved = {**dataclasses.asdict(config), "method": "ddpo-sf", "threads": 2}  # threads do not change training
+    (run_dir / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    assert run_seed("ddpo-sf", 0, tmp_path, quick=False, reuse=True)["marker"] == "reused"
+    saved.update(steps=20, learning_rate=5e-5)
+    (run_dir / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"learning_rate: run 5e-05, asked 0\.001.*steps: run 20, asked 300"):
+        run_seed("ddpo-sf", 0, tmp_path, quick=False, reuse=True)
+
+
 def test_results_are_merged_entry_by_entry_and_replaced_atomically(tmp_path):
     from benchmarks.common import merge_results
 

