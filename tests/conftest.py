@@ -100,8 +100,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Keep each test module on one worker, except tests marked ``spread``, which go one by one.
 
     ``make test`` runs ``--dist loadgroup``: a module's tests share module fixtures (a trained policy, a built
-    site), so they stay together, but the notebook executions all live in one module and, kept together, made
-    that module alone the length of the suite. Runs before xdist's own hook, which reads the groups.
+    site), so they stay together. The notebook executions all live in one module; kept together they were one unit
+    of about 850 s (2-core CI machine), which one worker had to run alone. Runs before xdist's own hook, which
+    reads the groups.
     """
     for item in items:
         if item.get_closest_marker("spread") is None:
