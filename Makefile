@@ -45,7 +45,7 @@ browser:
 	fi
 
 test: install browser
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25 tests
 
 lint: install
 	$(VENV)/bin/ruff check reference_impls tests benchmarks

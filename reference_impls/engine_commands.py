@@ -293,7 +293,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _train_parser(subparsers: argparse._SubParsersAction) -> None:
     from reference_impls.algorithms import METHODS
     from reference_impls.rewards import REWARDS
-    from reference_impls.training.config import add_config_arguments
+    from reference_impls.training.config import SHARED_PRESETS, add_config_arguments
 
     rewards = "; ".join(f"{n} ({'differentiable' if r.differentiable else 'not differentiable'})"
                         for n, r in REWARDS.items())
@@ -310,7 +310,8 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
             name, help=doc[0] if doc else name, description="\n".join(doc),
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=f"rewards: {rewards}\npresets: " + "; ".join(
-                f"{p}: {', '.join(f'{k}={v}' for k, v in s.items())}" for p, s in cls.presets.items()),
+                f"{p}: {', '.join(f'{k}={v}' for k, v in {**SHARED_PRESETS.get(p, {}), **s}.items())}"
+                for p, s in cls.presets.items()),
         )
         add_config_arguments(method_parser, cls.config_class)
         method_parser.add_argument("--out", default=None, help="run directory (default: runs/METHOD-PRESET-seedS)")

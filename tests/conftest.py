@@ -95,18 +95,41 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep each test module on one worker, except tests marked ``spread``, which go one by one.
+# Tests whose cases are independent and long: ``make test`` schedules each case on its own instead of keeping
+# the module on one worker. The notebook executions were one unit of about 850 s that one worker ran alone.
+ONE_BY_ONE = ("tests/test_notebooks.py::test_notebook_runs_in_smoke_mode[",)
 
-    ``make test`` runs ``--dist loadgroup``: a module's tests share module fixtures (a trained policy, a built
-    site), so they stay together. The notebook executions all live in one module; kept together they were one unit
-    of about 850 s (2-core CI machine), which one worker had to run alone. Runs before xdist's own hook, which
-    reads the groups.
+
+def _runs_one_by_one(nodeid: str) -> bool:
+    return nodeid.startswith(ONE_BY_ONE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the one-by-one cases last: they fill the end of the run, where whole modules would leave a worker idle.
+
+    The sort is stable and the same on every worker, as xdist requires of their collections.
     """
-    for item in items:
-        if item.get_closest_marker("spread") is None:
-            item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
+    items.sort(key=lambda item: _runs_one_by_one(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201
+    """``--dist loadscope`` with a module per unit, except the ``ONE_BY_ONE`` cases, one unit each.
+
+    A module's tests share module fixtures (a trained policy, a served site), so they run on one worker.
+    pytest-xdist's own ``loadgroup`` cannot express this under pytest 9: it renames items through
+    ``item._nodeid``, which pytest 9 no longer reads, so every test became its own unit and module fixtures
+    were built on both workers.
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if _runs_one_by_one(nodeid) else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep collection order: the one-by-one cases stay last
+    return ModuleScheduling(config, log)
 
 
 pytest_plugins = ["site_fixtures"]

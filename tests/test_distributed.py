@@ -42,7 +42,8 @@ def _assert_same_records(single: list[dict], multi: list[dict]) -> None:
             assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), (one["step"], key)
 
 
-@pytest.mark.parametrize("method", ["flow-grpo", "ddpo"])
+# Flow-GRPO's two-process run is compared record by record in the resume test below, which covers both.
+@pytest.mark.parametrize("method", ["ddpo"])
 def test_two_processes_give_the_single_process_metrics(method: str, tmp_path: Path) -> None:
     single = _train(method, tmp_path / "one")
     multi = _train(method, tmp_path / "two", "--num-processes", "2")
@@ -52,10 +53,13 @@ def test_two_processes_give_the_single_process_metrics(method: str, tmp_path: Pa
 
 
 def test_a_two_process_run_resumes(tmp_path: Path) -> None:
+    """Flow-GRPO in two processes, stopped after step 1 and resumed: every record equals one process's run."""
     single = _train("flow-grpo", tmp_path / "one")
     _train("flow-grpo", tmp_path / "two", "--num-processes", "2", "--steps", "1")
     resumed = _train("flow-grpo", tmp_path / "two", "--num-processes", "2", "--resume")
+    assert resumed[1]["ratio_first"] == pytest.approx(1.0, abs=1e-6)
     _assert_same_records(single, resumed)
+    assert (tmp_path / "two" / "final" / "unet").is_dir()
 
 
 def test_a_method_without_data_parallel_support_is_refused(tmp_path: Path) -> None:

@@ -31,7 +31,9 @@ def test_the_average_follows_its_recursion() -> None:
 
 
 def test_final_holds_the_average_and_a_resumed_run_keeps_it(tmp_path) -> None:
-    settings = dict(steps=2, checkpoint_every=1, ema_decay=0.9, learning_rate=1e-3, eval_every=0)
+    # Four denoising steps and two evaluation prompts: the test is about weights, not images.
+    settings = dict(steps=2, checkpoint_every=1, ema_decay=0.9, learning_rate=1e-3, eval_every=0, num_steps=4,
+                    eval_prompts=2)
     run_smoke("flow-grpo", "jpeg-compressibility", tmp_path / "whole", **settings)
     run_smoke("flow-grpo", "jpeg-compressibility", tmp_path / "cut", **{**settings, "steps": 1})
     run_smoke("flow-grpo", "jpeg-compressibility", tmp_path / "cut", resume=True, **settings)

@@ -29,7 +29,6 @@ def test_notebook_is_committed_clean_and_parameterised(path: Path):
     assert not problems, "\n".join(str(p) for p in problems)
 
 
-@pytest.mark.spread  # each execution is independent, and together they are the suite's longest module
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_smoke_mode(path: Path):
     start = time.perf_counter()

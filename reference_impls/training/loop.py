@@ -60,8 +60,10 @@ class RunDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
         if resume and (self.root / "config.json").exists():
             previous = json.loads((self.root / "config.json").read_text(encoding="utf-8"))
-            changed = {k: (previous.get(k), v) for k, v in config.items()
-                       if k not in ("steps", "device", "threads") and previous.get(k) != v}
+            # A setting missing from an older run's config was added since, with a default that keeps the old
+            # behaviour: only settings both configs name can differ.
+            changed = {k: (previous[k], v) for k, v in config.items()
+                       if k not in ("steps", "device", "threads") and k in previous and previous[k] != v}
             if changed:
                 raise ValueError(f"--resume with different settings than the run in {self.root}: {changed}")
         tmp = self.root / "config.json.tmp"
@@ -97,7 +99,7 @@ def _evaluate(method: Method, run: RunDirectory, step: int, prompts: list[str]) 
     policy = method.policy
     was_training = policy.denoiser.training
     policy.denoiser.eval()
-    sampler = default_eval_sampler(policy, num_steps=max(method.config.num_steps, 20),
+    sampler = default_eval_sampler(policy, num_steps=max(method.config.num_steps, method.config.eval_num_steps),
                                    guidance_scale=method.config.guidance_scale)
     metrics: dict[str, float] = {}
     if policy.world is not None:

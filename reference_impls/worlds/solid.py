@@ -303,18 +303,44 @@ def _scene_tensors(scenes: Sequence[Sequence[PlacedSolid]]) -> tuple[torch.Tenso
     return shape, centre, radius, colour, present
 
 
-def _object_distances(points: torch.Tensor, scene: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(N, V, H, W, slots) distances of points (N, V, H, W, 3) to each object of each scene."""
+def _object_distances(points: torch.Tensor, scene_of_point: torch.Tensor,
+                      scene: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(P, slots) distances of points (P, 3) to each object of the scene each point belongs to."""
     shape, centre, radius, _, present = scene
-    n, slots = shape.shape
-    expand = points.shape[1:-1]
-    per_slot = []
-    for j in range(slots):
-        view = (n, *([1] * len(expand)))
-        d = _primitive_sdf(points, shape[:, j].view(view).expand(n, *expand),
-                           centre[:, j].view(*view, 3), radius[:, j].view(view).expand(n, *expand))
-        per_slot.append(torch.where(present[:, j].view(view), d, torch.full_like(d, 1e3)))
+    shape, centre, radius, present = (t[scene_of_point] for t in (shape, centre, radius, present))
+    per_slot = [torch.where(present[:, j], _primitive_sdf(points, shape[:, j], centre[:, j], radius[:, j]),
+                            torch.full_like(radius[:, j], 1e3))
+                for j in range(shape.shape[1])]
     return torch.stack(per_slot, dim=-1)
+
+
+MARCH_STEPS = 64
+MARCH_FAR = 12.0
+"""Ray length past which a ray has left the scene: the cameras stand 6 units from the view centre."""
+
+
+def _march(points: torch.Tensor, directions: torch.Tensor, scene_of_point: torch.Tensor,
+           scene: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sphere-trace rays (P, 3) from ``points`` along ``directions``; returns end points and a hit mask.
+
+    Only rays still travelling are evaluated: most rays settle within a few steps, and a ray that has hit
+    or left the scene never changes again, so tracing the rest alone gives the same image, faster.
+    """
+    points = points.clone()
+    travelled = torch.zeros(points.shape[0], dtype=torch.float32)
+    hit = torch.zeros(points.shape[0], dtype=torch.bool)
+    active = torch.arange(points.shape[0])
+    for _ in range(MARCH_STEPS):
+        distance = _object_distances(points[active], scene_of_point[active], scene).min(dim=-1).values
+        arrived = distance < 1e-3
+        advance = torch.where(arrived, torch.zeros_like(distance), distance.clamp(min=0) * 0.95)
+        hit[active] = arrived
+        travelled[active] += advance
+        points[active] += advance[:, None] * directions[active]
+        active = active[~(arrived | (travelled[active] > MARCH_FAR))]
+        if active.numel() == 0:
+            break
+    return points, hit
 
 
 def render_scenes(scenes: Sequence[Sequence[PlacedSolid]], size: int = DEFAULT_SIZE, shaded: bool = True,
@@ -323,34 +349,29 @@ def render_scenes(scenes: Sequence[Sequence[PlacedSolid]], size: int = DEFAULT_S
     scene = _scene_tensors(scenes)
     origins, direction = _cameras(size, offset)
     n = len(scenes)
-    points = origins.expand(n, *origins.shape).clone()
-    step_dir = direction.view(1, -1, 1, 1, 3)
-    travelled = torch.zeros(points.shape[:-1], dtype=torch.float32)
-    hit = torch.zeros_like(travelled, dtype=torch.bool)
-    for _ in range(64):
-        distance = _object_distances(points, scene).min(dim=-1).values
-        hit |= distance < 1e-3
-        advance = torch.where(hit, torch.zeros_like(distance), distance.clamp(min=0) * 0.95)
-        travelled += advance
-        points = points + advance[..., None] * step_dir
-        if bool((hit | (travelled > 12)).all()):
-            break
-    per_object = _object_distances(points, scene)
-    owner = torch.where(hit, per_object.argmin(dim=-1), torch.full_like(travelled, -1, dtype=torch.long))
-    colours = scene[3]
-    albedo = torch.gather(colours, 1, owner.clamp(min=0).view(n, -1, 1).expand(-1, -1, 3)).view(*owner.shape, 3)
-    shade = torch.ones_like(travelled)
+    grid = (n, *origins.shape[:-1])
+    scene_of_point = torch.arange(n).view(n, 1, 1, 1).expand(grid).reshape(-1)
+    directions = direction.view(1, -1, 1, 1, 3).expand(*grid, 3).reshape(-1, 3)
+    points, hit = _march(origins.expand(n, *origins.shape).reshape(-1, 3), directions, scene_of_point, scene)
+    # Colour and shade only the rays that hit something; the others show the white background.
+    at, hit_scene = points[hit], scene_of_point[hit]
+    owner = torch.full((points.shape[0],), -1, dtype=torch.long)
+    owner[hit] = _object_distances(at, hit_scene, scene).argmin(dim=-1)
+    rgb = torch.ones(points.shape[0], 3, dtype=torch.float32)
+    albedo = scene[3][hit_scene, owner[hit]]
+    shade = torch.ones(at.shape[0], dtype=torch.float32)
     if shaded:
         eps = 1e-3
         normal = torch.stack([
-            _object_distances(points + eps * axis, scene).min(-1).values
-            - _object_distances(points - eps * axis, scene).min(-1).values
+            _object_distances(at + eps * axis, hit_scene, scene).min(-1).values
+            - _object_distances(at - eps * axis, hit_scene, scene).min(-1).values
             for axis in torch.eye(3, dtype=torch.float32)], dim=-1)
         normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-9)
         light = torch.tensor(LIGHT, dtype=torch.float32)
         shade = AMBIENT + (1 - AMBIENT) * (normal @ (light / light.norm())).clamp(min=0)
-    rgb = torch.where(hit[..., None], albedo * shade[..., None], torch.ones_like(albedo))
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), owner.numpy()
+    rgb[hit] = albedo * shade[:, None]
+    rgb = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).view(*grid, 3)
+    return rgb.numpy(), owner.view(grid).numpy()
 
 
 def render_views(specs: Sequence[SolidSpec | str], seed: int, size: int = DEFAULT_SIZE) -> np.ndarray:
