@@ -53,13 +53,10 @@ def test_per_prompt_stat_tracker_normalises_per_prompt_and_falls_back_to_batch()
     assert tracker.update(["a"], torch.tensor([2.0])).item() == pytest.approx(0.0, abs=1e-5)
 
 
-# Half the smoke preset's iterations and inner epochs; the reward is judged paired (same prompt, same noise) on
-# the trained model against the base, since the logged batch means of 16 images move by less than their noise.
-SHORT_SMOKE = dict(steps=4, inner_epochs=2)
-
-
+# The smoke presets as they are: the reward is judged paired (same prompt, same noise) on the trained model
+# against the base, since the logged batch means of 16 images move by less than their noise.
 def test_ddpo_smoke_raises_reward_and_ratio_is_one_at_first_inner_step(tmp_path):
-    records = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "run", **SHORT_SMOKE)
+    records = run_smoke("ddpo", "jpeg-compressibility", tmp_path / "run")
     assert len(training_rewards(records)) == 4
     gain = paired_reward_gain(tmp_path / "run", "shapes-diffusion", "jpeg-compressibility", "a red circle")
     assert gain > 0.005, gain  # measured +0.013 on two noise seeds
@@ -168,7 +165,7 @@ def test_dpok_kl_keeps_the_policy_closer_to_the_pretrained_model():
 
 
 def test_dpok_smoke_raises_reward(tmp_path):
-    records = run_smoke("dpok", "jpeg-compressibility", tmp_path / "run", **SHORT_SMOKE)
+    records = run_smoke("dpok", "jpeg-compressibility", tmp_path / "run")
     gain = paired_reward_gain(tmp_path / "run", "shapes-diffusion", "jpeg-compressibility", "a red circle")
     assert gain > 0.005, gain  # measured +0.013 on two noise seeds
     assert all(r["kl_to_pretrained"] >= 0 for r in records if "kl_to_pretrained" in r)
