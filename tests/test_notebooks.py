@@ -110,3 +110,13 @@ def test_kernel_gets_one_torch_thread_unless_the_caller_chose(tmp_path: Path, mo
     pipeline.execute(NOTEBOOKS[0], output_dir=tmp_path)
     assert seen["threads"] == (chosen or "1")
     assert os.environ.get("OMP_NUM_THREADS") == chosen  # the caller's environment is left as it was
+
+
+def test_the_scheduler_runs_each_notebook_execution_as_its_own_unit():
+    """``make test`` spreads the executions over both workers by node id (conftest's ``ONE_BY_ONE``): renaming
+    the test or its module would silently put all of them on one worker again."""
+    from conftest import ONE_BY_ONE, _runs_one_by_one
+
+    nodeid = f"tests/{Path(__file__).name}::{test_notebook_runs_in_smoke_mode.__name__}[{NOTEBOOKS[0].stem}]"
+    assert _runs_one_by_one(nodeid), (nodeid, ONE_BY_ONE)
+    assert not _runs_one_by_one(f"tests/{Path(__file__).name}::{test_there_are_notebooks.__name__}")
