@@ -57,6 +57,7 @@ bench: install
 	$(PY) -m benchmarks.dpok_kl_share
 	$(PY) -m benchmarks.relation_given_objects
 	$(PY) -m benchmarks.overoptimisation
+	$(PY) -m benchmarks.render_speed
 	$(PY) -m benchmarks.method_table --seeds 0 1 2
 
 # Every method's gpu preset for a few iterations plus an SD-size UNet update at bf16 (needs CUDA; says so without).

@@ -73,31 +73,17 @@ def test_rendering_is_deterministic() -> None:
     assert np.array_equal(a, b)
 
 
-def _trace_every_ray(scenes: list[list[PlacedSolid]]) -> np.ndarray:
-    """The plain sphere tracer: every ray, all 64 steps; returns which object each pixel shows (-1 = none)."""
-    import torch
-
-    scene = solid._scene_tensors(scenes)
-    origins, direction = solid._cameras(solid.DEFAULT_SIZE)
-    grid = (len(scenes), *origins.shape[:-1])
-    scene_of_point = torch.arange(len(scenes)).view(-1, 1, 1, 1).expand(grid).reshape(-1)
-    directions = direction.view(1, -1, 1, 1, 3).expand(*grid, 3).reshape(-1, 3)
-    points = origins.expand(len(scenes), *origins.shape).reshape(-1, 3).clone()
-    hit = torch.zeros(points.shape[0], dtype=torch.bool)
-    for _ in range(solid.MARCH_STEPS):
-        distance = solid._object_distances(points, scene_of_point, scene).min(dim=-1).values
-        hit |= distance < 1e-3
-        points = points + torch.where(hit, 0.0, distance.clamp(min=0) * 0.95)[:, None] * directions
-    owner = solid._object_distances(points, scene_of_point, scene).argmin(dim=-1)
-    return torch.where(hit, owner, -1).view(grid).numpy()
-
-
 def test_tracing_only_live_rays_shows_what_tracing_every_ray_shows() -> None:
     prompts = solid.solid_prompt_split("heldout")[::40]
     scenes = [layout_scene(p, np.random.default_rng([5, i])) for i, p in enumerate(prompts)]
     owners = render_scenes(scenes)[1]
     assert (owners >= 0).any() and (owners == -1).any()
-    assert np.array_equal(owners, _trace_every_ray(scenes))
+    scene = solid._scene_tensors(scenes)
+    origins, directions, scene_of_point, grid = solid._rays(len(scenes), solid.DEFAULT_SIZE)
+    points, hit = solid._march_every_ray(origins, directions, scene_of_point, scene)
+    every_ray_owners = solid._object_distances(points, scene_of_point, scene).argmin(dim=-1)
+    every_ray_owners[~hit] = -1
+    assert np.array_equal(owners, every_ray_owners.view(grid).numpy())
 
 
 def _views(scene: list[PlacedSolid]) -> np.ndarray:

@@ -343,16 +343,36 @@ def _march(points: torch.Tensor, directions: torch.Tensor, scene_of_point: torch
     return points, hit
 
 
+def _march_every_ray(points: torch.Tensor, directions: torch.Tensor, scene_of_point: torch.Tensor,
+                     scene: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain sphere tracer ``_march`` replaced: every ray for all ``MARCH_STEPS`` steps, a ray that hit
+    standing still. Kept as the reference the fast tracer is tested (same image) and timed
+    (``benchmarks/render_speed.py``) against; nothing renders with it."""
+    hit = torch.zeros(points.shape[0], dtype=torch.bool)
+    for _ in range(MARCH_STEPS):
+        distance = _object_distances(points, scene_of_point, scene).min(dim=-1).values
+        hit |= distance < 1e-3
+        points = points + torch.where(hit, 0.0, distance.clamp(min=0) * 0.95)[:, None] * directions
+    return points, hit
+
+
+def _rays(n: int, size: int, offset: tuple[float, float] = (0.0, 0.0)
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Every camera ray of ``n`` scenes, flat: origins (P, 3), directions (P, 3), the scene each ray belongs
+    to (P,), and the (N, V, H, W) grid they unflatten to."""
+    origins, direction = _cameras(size, offset)
+    grid = (n, *origins.shape[:-1])
+    scene_of_point = torch.arange(n).view(n, 1, 1, 1).expand(grid).reshape(-1)
+    directions = direction.view(1, -1, 1, 1, 3).expand(*grid, 3).reshape(-1, 3)
+    return origins.expand(n, *origins.shape).reshape(-1, 3), directions, scene_of_point, grid
+
+
 def render_scenes(scenes: Sequence[Sequence[PlacedSolid]], size: int = DEFAULT_SIZE, shaded: bool = True,
                   offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
     """(N, V, H, W, 3) uint8 views and (N, V, H, W) int masks of which object each pixel shows (-1 = none)."""
     scene = _scene_tensors(scenes)
-    origins, direction = _cameras(size, offset)
-    n = len(scenes)
-    grid = (n, *origins.shape[:-1])
-    scene_of_point = torch.arange(n).view(n, 1, 1, 1).expand(grid).reshape(-1)
-    directions = direction.view(1, -1, 1, 1, 3).expand(*grid, 3).reshape(-1, 3)
-    points, hit = _march(origins.expand(n, *origins.shape).reshape(-1, 3), directions, scene_of_point, scene)
+    origins, directions, scene_of_point, grid = _rays(len(scenes), size, offset)
+    points, hit = _march(origins, directions, scene_of_point, scene)
     # Colour and shade only the rays that hit something; the others show the white background.
     at, hit_scene = points[hit], scene_of_point[hit]
     owner = torch.full((points.shape[0],), -1, dtype=torch.long)
