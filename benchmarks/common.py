@@ -139,3 +139,10 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def print_timings_and_ratios(result: dict) -> None:
+    """Print a result's median time per case and its ratios (the figures a ratio benchmark reports)."""
+    rows = [[name, f"{t['median_s']:.3f}"] for name, t in result["timings"].items()]
+    print(format_table(["case", "median s"], rows))
+    print(format_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in result["ratios"].items()]))

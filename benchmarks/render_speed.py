@@ -25,7 +25,7 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks.common import format_table, machine_description, time_interleaved, write_results
+from benchmarks.common import machine_description, print_timings_and_ratios, time_interleaved, write_results
 from reference_impls.worlds import solid
 
 SCENES = 48
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(3 if args.quick else 7, 8 if args.quick else SCENES)
     result["machine"] = machine_description()
     result["threads"] = args.threads
-    rows = [[name, f"{t['median_s']:.3f}"] for name, t in result["timings"].items()]
-    print(format_table(["case", "median s"], rows))
-    print(format_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in result["ratios"].items()]))
+    print_timings_and_ratios(result)
     if not args.quick:
         write_results("render_speed", result)
     return 0

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import format_table, machine_description, time_interleaved, write_results
+from benchmarks.common import machine_description, print_timings_and_ratios, time_interleaved, write_results
 from reference_impls.models.components import TinyModelConfig
 from reference_impls.models.shapes_model import build_shapes_policy, inflate_to_motion_policy
 from reference_impls.rewards import get_reward
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(3 if args.quick else 7)
     result["machine"] = machine_description()
     result["threads"] = args.threads
-    rows = [[name, f"{t['median_s']:.3f}"] for name, t in result["timings"].items()]
-    print(format_table(["case", "median s"], rows))
-    print(format_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in result["ratios"].items()]))
+    print_timings_and_ratios(result)
     if not args.quick:
         write_results("video_cost", result)
     return 0
